@@ -11,8 +11,8 @@ overrides `auto`. A backend asked for by name that cannot serve a call raises.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -20,26 +20,23 @@ import torch
 from ._geometry import is_channels_last  # noqa: F401  (re-exported for backends)
 
 NAMES = ("torch", "triton", "cuda")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class BackendUnavailable(NotImplementedError):
     """A backend was asked for by name and cannot serve this call."""
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_status():
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        return False, f"Triton is not installed ({type(e).__name__}: {e})"
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing"
     if torch.cuda.is_available():
-        return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return True, f"Triton on {torch.cuda.get_device_name()}"
     return False, "no CUDA GPU visible and TRITON_INTERPRET=1 was not set before import"
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_status():
     from . import _C_STATUS
 
@@ -48,28 +45,29 @@ def _cuda_status():
         return False, f"the C++ extension did not load: {why}"
     info = torch.ops.resnet_kernels.build_info()
     if "cuda=1" not in info:
-        return False, "the C++ extension was built without CUDA kernels (nvcc not found at build time)"
-    if not _has_cuda_kernels():
-        return False, "the CUDA implicit-GEMM kernels are not part of this build yet"
+        return False, "the C++ extension was built without CUDA (nvcc was not found at build time)"
+    if not hasattr(torch.ops.resnet_kernels, "conv_bn_act_cuda"):
+        return False, "the hand-written CUDA implicit-GEMM kernels are not part of this build yet"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU visible"
     return True, f"CUDA kernels ({info}) on {torch.cuda.get_device_name()}"
 
 
-def _has_cuda_kernels():
-    return hasattr(torch.ops.resnet_kernels, "conv_bn_act_cuda")
+# Decided once, at import: what the install and the machine allow does not change in a process,
+# and plain constants keep backend selection traceable by torch.compile.
+_STATUS = {"torch": (True, f"ATen composite (torch {torch.__version__})"),
+           "triton": _triton_status(), "cuda": _cuda_status()}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def status():
     """{backend name: (available, reason)} for this process."""
-    return {"torch": (True, f"ATen composite (torch {torch.__version__})"),
-            "triton": _triton_status(), "cuda": _cuda_status()}
+    return dict(_STATUS)
 
 
 def available_backends():
     """Names of the backends that can run here, in `auto`'s preference order for CUDA."""
-    s = status()
-    return [n for n in ("cuda", "triton", "torch") if s[n][0]]
+    return [n for n in ("cuda", "triton", "torch") if _STATUS[n][0]]
 
 
 def _triton_module():
@@ -77,26 +75,29 @@ def _triton_module():
 
 
 def supports(name, x, weight, groups):
-    """(True, "") if backend `name` can serve this call here, else (False, the rule it breaks)."""
-    ok, why = status()[name]
+    """(True, "") if backend `name` can serve this call here, else (False, the rule it breaks).
+
+    Only routing rules are checked here; argument validity is check_args' job.
+    """
+    if name not in NAMES:
+        return False, f"unknown backend {name!r}; choose from {('auto',) + NAMES}"
+    ok, why = _STATUS[name]
     if not ok:
         return False, f"backend {name!r} is not available: {why}"
-    on_cpu = x.device.type == "cpu"
     if name == "torch":
         return True, ""
-    if x.dtype == torch.float64:
-        return False, f"backend {name!r} does not support float64 (use backend='torch')"
+    dev = x.device.type
     if name == "triton":
-        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-            return False, "backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
-        if not on_cpu and x.device.type != "cuda":
-            return False, f"backend 'triton' needs a CUDA or CPU tensor, got {x.device}"
-        return _triton_module().supports(x, weight, groups)
-    if name == "cuda":
-        if x.device.type != "cuda":
-            return False, f"backend 'cuda' needs CUDA tensors, got x on {x.device}"
+        if x.dtype not in _TRITON_DTYPES:
+            return False, f"backend 'triton' supports float32/float16/bfloat16, got {x.dtype}"
+        if groups != 1:
+            return False, f"backend 'triton' supports groups=1 only, got groups={groups}"
+        if dev != "cuda" and not (dev == "cpu" and _INTERPRET):
+            return False, f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {dev}"
         return True, ""
-    return False, f"unknown backend {name!r}; choose from {('auto',) + NAMES}"
+    if dev != "cuda":
+        return False, f"backend 'cuda' needs CUDA tensors, got x on {dev}"
+    return True, ""
 
 
 def resolve(backend, x, weight, groups):

@@ -72,54 +72,23 @@ def conv_bn_problem(conv, bn, allow_folded=False):
     return None
 
 
-class _FoldCache:
-    """scale/shift of an eval-mode BN, recomputed whenever a source tensor changes.
-
-    The key holds each source's identity, version counter, storage and dtype/device, so an in-place
-    update (optimizer step, load_state_dict, running-stat update) or a .to()/.half() misses.
-    """
-
-    __slots__ = ("key", "value")
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    @staticmethod
-    def _sig(t):
-        if t is None:
-            return None
-        return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
-
-    def get(self, conv_bias, bn):
-        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
-        need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        if need_grad or torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
-            return fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
-        key = tuple(self._sig(t) for t in tensors) + (bn.eps,)
-        if key != self.key:
-            with torch.inference_mode(False), torch.no_grad():
-                self.value = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
-            self.key = key
-        return self.value
-
-    def __reduce__(self):  # copies and pickles start empty: the cache is derived state
-        return (_FoldCache, ())
-
-
 def _check_backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     return backend
 
 
-def _conv_bn(x, weight, conv_bias, conv, bn, cache, residual, relu, backend):
+def _conv_bn(x, weight, conv_bias, conv, bn, residual, relu, backend):
     """relu?(bn(conv(x)) + residual): fused in eval mode with running stats, unfused otherwise."""
     if bn.training or bn.running_mean is None or bn.running_var is None:
         y = _normalize(bn, F.conv2d(x, weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         if residual is not None:
             y = y + residual
         return F.relu(y) if relu else y
-    scale, shift = cache.get(conv_bias, bn)
+    # Recomputed on every call (a few per-channel ops): a cache keyed on tensor version counters
+    # would go stale, because BN's own running-stat update in training mode and writes through
+    # `.data` do not bump the version counter.
+    scale, shift = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
     if x.dtype == torch.float64:
         scale, shift = scale.double(), shift.double()
     return fused_conv_bn_act(x, weight, scale, shift, residual, stride=conv.stride, padding=conv.padding,
@@ -146,7 +115,6 @@ class FusedConvBNAct(nn.Module):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self._in_slot = _in_slot
-        self._fold = _FoldCache()
         if _in_slot:
             # Lives in the conv's slot: the conv's parameters keep their names (weight, bias); the BN
             # lives at its own slot as a FoldedBatchNorm and is referenced, not registered, here.
@@ -166,7 +134,7 @@ class FusedConvBNAct(nn.Module):
 
     def forward(self, x, residual=None):
         weight, bias = self._conv_params()
-        return _conv_bn(x, weight, bias, self, self.bn, self._fold, residual, self.relu, self.backend)
+        return _conv_bn(x, weight, bias, self, self.bn, residual, self.relu, self.backend)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -179,7 +147,7 @@ class FusedConvBNAct(nn.Module):
 
 
 class _FusedBlock(nn.Module):
-    """Shared machinery: the original children under their names, fold caches per conv/BN pair."""
+    """Shared machinery: the original children under their names."""
 
     _pairs: tuple = ()
     _source_type = None
@@ -194,7 +162,6 @@ class _FusedBlock(nn.Module):
         for name in ("stride", "dilation", "groups", "base_width"):
             if hasattr(block, name):
                 setattr(self, name, getattr(block, name))
-        self._folds = {c: _FoldCache() for c, _ in self._pairs}
 
     @classmethod
     def from_block(cls, block, *, backend="auto"):
@@ -220,8 +187,7 @@ class _FusedBlock(nn.Module):
 
     def _cbr(self, x, conv_name, bn_name, residual=None, relu=True):
         conv = getattr(self, conv_name)
-        return _conv_bn(x, conv.weight, conv.bias, conv, getattr(self, bn_name), self._folds[conv_name],
-                        residual, relu, self.backend)
+        return _conv_bn(x, conv.weight, conv.bias, conv, getattr(self, bn_name), residual, relu, self.backend)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)

@@ -42,7 +42,7 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake(QUALNAME)
 def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, backend):
     shape, fmt = check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)
-    return x.new_empty(shape, memory_format=fmt)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 # --- autograd: y = act(conv(x, W) * scale + shift + residual) -------------------------------------

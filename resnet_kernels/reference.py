@@ -14,67 +14,23 @@ weights loses accuracy or overflows.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from ._geometry import as_canonical, out_memory_format
 
 _FOLD_DTYPES = (torch.float32, torch.float64)
-_MAX_CACHE = 512
-
-
-class _FoldCache:
-    """Folded weights keyed by the identity and version of (weight, scale).
-
-    Entries die with the tensors they were made from, and a changed version (an in-place update
-    of the weight or the BN constants) misses, so a folded weight is never stale.
-    """
-
-    def __init__(self):
-        self._d = {}
-
-    @staticmethod
-    def _version(t):
-        try:
-            return t._version
-        except RuntimeError:  # inference tensors keep no version counter: don't cache them
-            return None
-
-    def get(self, weight, scale, memory_format):
-        vw, vs = self._version(weight), self._version(scale)
-        if vw is None or vs is None:
-            return None, None
-        key = (id(weight), id(scale), memory_format)
-        hit = self._d.get(key)
-        if hit is not None:
-            wref, sref, versions, folded = hit
-            if wref() is weight and sref() is scale and versions == (vw, vs):
-                return folded, key
-        return None, (key, weight, scale, (vw, vs))
-
-    def put(self, miss, folded):
-        if miss is None:
-            return
-        key, weight, scale, versions = miss
-        if len(self._d) >= _MAX_CACHE:
-            self._d.clear()
-        self._d[key] = (weakref.ref(weight), weakref.ref(scale), versions, folded)
-
-
-_cache = _FoldCache()
 
 
 def _folded_weight(weight, scale, memory_format):
-    folded, miss = _cache.get(weight, scale, memory_format)
-    if folded is not None:
-        return folded
-    with torch.no_grad():
-        folded = (weight * scale.to(weight.dtype).view(-1, 1, 1, 1)).contiguous(memory_format=memory_format)
-        if not bool(torch.isfinite(folded).all()) and bool(torch.isfinite(weight).all()):
-            folded = False  # the fold overflows: keep BN as an epilogue for this weight
-    _cache.put(miss, folded)
+    """weight * scale per output channel, in the layout of the input, or None if that overflows.
+
+    Folded on every call, never cached: BN's running-stat update in training mode and writes
+    through `.data` leave tensor version counters unchanged, so a cache could serve a stale weight.
+    """
+    folded = (weight * scale.to(weight.dtype).view(-1, 1, 1, 1)).contiguous(memory_format=memory_format)
+    if not bool(torch.isfinite(folded).all()) and bool(torch.isfinite(weight).all()):
+        return None  # the fold overflows: keep BN as an epilogue for this weight
     return folded
 
 
@@ -82,8 +38,8 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
     """y = act(conv(x, weight) * scale + shift + residual); output follows x's memory format."""
     fmt = out_memory_format(x)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
-    folded = _folded_weight(weight, scale, fmt) if x.dtype in _FOLD_DTYPES else False
-    if folded is not False:
+    folded = _folded_weight(weight, scale, fmt) if x.dtype in _FOLD_DTYPES else None
+    if folded is not None:
         y = F.conv2d(x, folded, shift.to(x.dtype), stride, padding, dilation, groups)
         y = as_canonical(y, fmt)
         if residual is not None:
