@@ -259,8 +259,30 @@ def test_every_config_nested_loop_tails(config):
     # blocks, M and K tails and padding.
     C = 3 * config["BLOCK_K"] if config["BLOCK_K"] <= 32 else config["BLOCK_K"]
     assert not cba._use_flat_k({"C": C, "BLOCK_K": config["BLOCK_K"]})
-    check(1, C, 6, 7, 24, 3, 3, (1, 1), (1, 1), layout="cl", res_mode="none", config=config, seed=13,
+    # Per-dimension stride/padding/dilation differ so an h/w mix-up shows.
+    check(1, C, 7, 9, 24, 3, 3, (2, 1), (1, 2), (1, 2), layout="cl", res_mode="none", config=config, seed=13,
           check_default_out=False)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat_loop", "nested_loop"])
+@pytest.mark.parametrize(
+    "geom",
+    [
+        (2, 5, 9, 7, 20, 3, 3, (2, 1), (1, 2), (1, 1)),  # ragged C, K, M
+        (1, 3, 20, 20, 16, 7, 7, (2, 2), (3, 3), (1, 1)),  # stem, GEMM-K = 147
+        (1, 40, 7, 6, 24, 3, 3, (1, 2), (2, 1), (2, 1)),  # C = 1.25 * BLOCK_K(32)
+    ],
+    ids=["ragged", "stem", "c40_dil2"],
+)
+def test_forced_loop_shape(geom, flat, monkeypatch):
+    # The heuristic only sends C % BLOCK_K == 0 down the nested loop; force
+    # each loop shape onto ragged shapes so both keep every tail mask honest.
+    monkeypatch.setitem(cba._conv_bn_act_heur.values, "FLAT_K", lambda args: flat)
+    N, C, H, W, K, R, S, stride, padding, dilation = geom
+    check(N, C, H, W, K, R, S, stride, padding, dilation, layout="cl", res_mode="view", config=CONFIGS[7],
+          seed=15, check_default_out=False)
+    check(N, C, H, W, K, R, S, stride, padding, dilation, dtype=torch.bfloat16, layout="nchw", config=CONFIGS[0],
+          seed=16, check_default_out=False)
 
 
 def test_field_case_d3_fp32_256ch():
@@ -339,6 +361,15 @@ def test_output_channels_last_rule_ambiguous_cases():
 def test_single_channel_channels_last_input():
     # C == 1 channels_last input with padding: output format must follow x.
     check(2, 1, 6, 5, 8, 3, 3, (1, 1), (1, 1), layout="cl", res_mode="none", seed=10)
+
+
+def test_tf32_rule_pure_parts():
+    # Global torch TF32 flags are not touched here (other tests share the
+    # process); only the CPU/interpreter rule and the precision-chain resolver.
+    assert not cba._tf32_allowed(torch.randn(2, device=DEVICE)) or (DEVICE == "cuda" and not INTERPRET)
+    assert cba._precision_says_tf32("none", "tf32", "ieee")
+    assert not cba._precision_says_tf32("ieee", "tf32")
+    assert not cba._precision_says_tf32("none", "none")
 
 
 def test_configs_shape():

@@ -34,7 +34,9 @@ Precision rule for fp32 inputs (``input_precision`` of ``tl.dot``):
 TF32 is used only if ALL of these hold: ``x`` is a CUDA tensor, the Triton
 interpreter is not active, ``torch.backends.cudnn.allow_tf32`` is True and
 ``torch.backends.cuda.matmul.allow_tf32`` is True.  Otherwise IEEE fp32 is used.
-(The default torch settings therefore give IEEE.)  fp16/bf16 inputs always use
+(The default torch settings therefore give IEEE.)  When torch refuses to read a
+legacy flag because the newer ``fp32_precision`` API was used, that flag is
+taken from the new API instead (``"tf32"`` = allowed, ``"none"`` = inherit).  fp16/bf16 inputs always use
 their native tensor-core path with fp32 accumulation.
 
 Running on CPU requires the Triton interpreter: ``TRITON_INTERPRET=1`` must be
@@ -315,13 +317,48 @@ def output_channels_last(x: torch.Tensor) -> bool:
     return sc == 1 and C > 1
 
 
-def _tf32_allowed(x: torch.Tensor) -> bool:
-    if not x.is_cuda or is_interpreter():
-        return False
+def _precision_says_tf32(*levels: str) -> bool:
+    """Resolve torch's fp32_precision chain: the first level that is not
+    "none" wins (e.g. cudnn.conv -> cudnn -> global)."""
+    for level in levels:
+        if level and level != "none":
+            return level == "tf32"
+    return False
+
+
+def _read_tf32_flag(legacy, new_levels) -> bool:
     with warnings.catch_warnings():
         # Newer torch warns about the legacy allow_tf32 flags; we only read them.
         warnings.simplefilter("ignore")
-        return bool(torch.backends.cudnn.allow_tf32) and bool(torch.backends.cuda.matmul.allow_tf32)
+        try:
+            return bool(legacy())
+        except RuntimeError:
+            # Raised by torch >= 2.9 once the new fp32_precision API was used:
+            # the legacy getter refuses to answer, so read the new one.
+            try:
+                return _precision_says_tf32(*new_levels())
+            except Exception:
+                return False
+
+
+def _tf32_allowed(x: torch.Tensor) -> bool:
+    """TF32 only on CUDA, not interpreting, and both cudnn and matmul allow it."""
+    if not x.is_cuda or is_interpreter():
+        return False
+    backends = torch.backends
+    cudnn_ok = _read_tf32_flag(
+        lambda: backends.cudnn.allow_tf32,
+        lambda: (
+            backends.cudnn.conv.fp32_precision,
+            backends.cudnn.fp32_precision,
+            backends.fp32_precision,
+        ),
+    )
+    matmul_ok = _read_tf32_flag(
+        lambda: backends.cuda.matmul.allow_tf32,
+        lambda: (backends.cuda.matmul.fp32_precision, backends.fp32_precision),
+    )
+    return cudnn_ok and matmul_ok
 
 
 def _check_config(config) -> dict:
