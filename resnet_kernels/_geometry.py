@@ -75,8 +75,8 @@ def check_args(x, weight, scale, shift, residual, stride, padding, dilation, gro
     if c % groups != 0 or k % groups != 0:
         raise ValueError(f"groups={groups} must divide x's channels C={c} and weight's K={k}")
     if cg * groups != c:
-        raise ValueError(f"weight must have C/groups={c // groups} input channels (x has C={c}, groups={groups}), "
-                         f"got weight of shape {list(weight.shape)}")
+        raise ValueError(f"x has C={c} channels but weight of shape {list(weight.shape)} with groups={groups} "
+                         f"expects C={cg * groups} (x.shape[1] must equal weight.shape[1] * groups)")
     if any(v < 1 for v in stride) or any(v < 1 for v in dilation) or any(v < 0 for v in padding):
         raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
                          f"padding={list(padding)}, dilation={list(dilation)}")
