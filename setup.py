@@ -33,17 +33,26 @@ def _find_nvcc():
 
 def _real_cuda_home(nvcc):
     """The toolkit root. `nvcc` on PATH may be a wrapper script or a symlink, which makes torch
-    guess CUDA_HOME wrong; nvcc itself knows its TOP."""
+    guess CUDA_HOME wrong; nvcc itself knows its TOP when it is given something to compile."""
+    def ok(root):
+        return root and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+    candidates = []
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
         for line in (out.stdout + out.stderr).splitlines():
             if "TOP=" in line:
-                top = line.split("TOP=", 1)[1].strip().strip('"')
-                if os.path.isdir(os.path.join(top, "include")):
-                    return os.path.realpath(top)
+                candidates.append(os.path.realpath(line.split("TOP=", 1)[1].strip().strip('"')))
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."))
+    candidates += [os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "..")),
+                   "/usr/local/cuda"]
+    for root in candidates:
+        if ok(root):
+            return root
+    raise RuntimeError(f"found nvcc at {nvcc} but no CUDA toolkit root with include/cuda_runtime.h "
+                       f"(tried {candidates}); set CUDA_HOME, or RESNET_KERNELS_BUILD_CUDA=0 to skip the CUDA build")
 
 
 def _torch_wheel_cuda_includes():

@@ -20,6 +20,7 @@ TORCH_LIBRARY(resnet_kernels, m) {
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, str backend) -> Tensor");
+  m.def("bn_act_epilogue_(Tensor(a!) y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> ()");
 }
 
 // Build-time facts that `python -m resnet_kernels info` reports.

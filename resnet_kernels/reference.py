@@ -14,6 +14,9 @@ weights loses accuracy or overflows.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,34 @@ def _folded_weight(weight, scale, memory_format):
     return folded
 
 
+_EPILOGUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_epilogue_registered():
+    """True when this build has a CUDA kernel for resnet_kernels::bn_act_epilogue_."""
+    ns = getattr(torch.ops, "resnet_kernels", None)
+    if ns is None or not hasattr(ns, "bn_act_epilogue_"):
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("resnet_kernels::bn_act_epilogue_", "CUDA")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _use_cuda_epilogue(y, scale, shift, residual):
+    """Whether to apply BN + residual + ReLU with the CUDA epilogue op. Opt-in
+    (RESNET_KERNELS_CUDA_EPILOGUE=1) until verified on a GPU; never where autograd would have
+    to see through the in-place op (it has no autograd formula of its own)."""
+    if os.environ.get("RESNET_KERNELS_CUDA_EPILOGUE") != "1" or not _cuda_epilogue_registered():
+        return False
+    if y.dtype not in _EPILOGUE_DTYPES or scale.dtype != torch.float32 or shift.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, scale, shift, residual)):
+        return False
+    return True
+
+
 def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     """y = act(conv(x, weight) * scale + shift + residual); output follows x's memory format."""
     fmt = out_memory_format(x)
@@ -50,6 +81,11 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
     # BN as an fp32 epilogue on the low-precision convolution (fp32 accumulation inside it).
     w = weight if weight.is_contiguous(memory_format=fmt) else weight.contiguous(memory_format=fmt)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if y.is_cuda and _use_cuda_epilogue(y, scale, shift, residual):
+        # One in-place pass over y (csrc/cuda/epilogue.cu) instead of an fp32 temporary.
+        y = as_canonical(y, fmt)
+        torch.ops.resnet_kernels.bn_act_epilogue_(y, scale, shift, residual, relu)
+        return as_canonical(y, fmt)
     acc = torch.empty(y.shape, dtype=scale.dtype, device=y.device, memory_format=fmt)
     torch.mul(y, scale.view(1, -1, 1, 1), out=acc)
     acc.add_(shift.view(1, -1, 1, 1))
