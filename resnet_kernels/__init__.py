@@ -25,6 +25,7 @@ from . import ops  # noqa: E402  (registers implementations against the schemas)
 from .backends import BackendUnavailable, available_backends  # noqa: E402
 from .convert import convert, summary  # noqa: E402
 from .functional import fold_bn, fused_conv_bn_act  # noqa: E402
+from .reference import clear_caches  # noqa: E402
 from .modules import FoldedBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConvBNAct  # noqa: E402
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "summary",
     "fused_conv_bn_act",
     "fold_bn",
+    "clear_caches",
     "FusedConvBNAct",
     "FusedBasicBlock",
     "FusedBottleneck",

@@ -22,23 +22,28 @@ def fused_conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, paddi
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)
     name = backends.resolve(backend, x, weight, groups)
+    if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, scale, shift, residual)):
+        from .reference import caching_disabled
+        with caching_disabled():  # weights may change between calls without a version bump
+            return ops.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, name)
     return ops.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, name)
 
 
 def fold_bn(weight, bias, running_mean, running_var, eps, conv_bias=None):
     """(scale, shift) of an eval-mode BatchNorm, fp32 (fp64 when the inputs are fp64).
 
-    scale = gamma / sqrt(var + eps), shift = beta - mean * scale (+ conv_bias * scale), computed in
-    float64 so that fp16 statistics (var of 1e5 or 1e-7) neither overflow nor flush to zero.
+    scale = gamma / sqrt(var + eps), shift = beta - (mean - conv_bias) * scale, computed in fp32
+    (fp64 for fp64 statistics) so that fp16 statistics (var of 1e5 or 1e-7) neither overflow nor
+    flush to zero; fp32 rounding here is ~1e-7 relative, far below any dtype's tolerance.
     weight/bias None mean affine=False (gamma=1, beta=0). Differentiable in weight and bias.
     """
-    out_dtype = torch.float64 if running_var.dtype == torch.float64 else torch.float32
-    var = running_var.double()
-    inv = torch.rsqrt(var + eps)
-    scale = inv if weight is None else weight.double() * inv
-    shift = -running_mean.double() * scale
+    dt = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(dt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    mean = running_mean.to(dt)
     if conv_bias is not None:
-        shift = shift + conv_bias.double() * scale
-    if bias is not None:
-        shift = shift + bias.double()
-    return scale.to(out_dtype), shift.to(out_dtype)
+        mean = mean - conv_bias.to(dt)
+    shift = -mean * scale if bias is None else torch.addcmul(bias.to(dt), mean, scale, value=-1.0)
+    return scale, shift

@@ -223,3 +223,42 @@ def test_schema_matches_python_fallback_definition():
     """csrc/ops.cpp and ops.SCHEMAS define the same op (the latter serves extension-less installs)."""
     from resnet_kernels import ops
     assert str(OP._schema) == "resnet_kernels::" + ops.SCHEMAS["conv_bn_act"]
+
+
+def test_weight_cache_follows_in_place_updates_and_bn_stats():
+    """The folded/prepacked weight cache (torch backend) must never serve a stale weight."""
+    from resnet_kernels import reference
+    for cl in (False, True):
+        x, w, s, b, res, args = make_case(channels_last=cl)
+        with torch.no_grad():
+            rk.fused_conv_bn_act(x, w, s, b, res, **args)
+            w.mul_(-1.0)                             # in-place: bumps the version counter
+            assert_matches(rk.fused_conv_bn_act(x, w, s, b, res, **args), oracle(x, w, s, b, res, args, True),
+                           dtype=torch.float32)
+            s2 = s.clone()
+            s2[3] = 7.0                              # a new scale object with other values (BN stats moved)
+            assert_matches(rk.fused_conv_bn_act(x, w, s2, b, res, **args), oracle(x, w, s2, b, res, args, True),
+                           dtype=torch.float32)
+            w.data.mul_(2.0)                         # .data bypasses version counters: documented, clear_caches()
+            rk.clear_caches()
+            assert_matches(rk.fused_conv_bn_act(x, w, s2, b, res, **args), oracle(x, w, s2, b, res, args, True),
+                           dtype=torch.float32)
+    del w
+    import gc
+    gc.collect()
+    assert len(reference._cache) <= 1  # entries die with their weights
+
+
+def test_no_cache_while_autograd_records_or_in_float64():
+    from resnet_kernels import reference
+    rk.clear_caches()
+    x, w, s, b, res, args = make_case(channels_last=True)
+    w.requires_grad_(True)
+    rk.fused_conv_bn_act(x, w, s, b, res, **args).sum().backward()
+    assert len(reference._cache) == 0
+    with torch.no_grad():
+        rk.fused_conv_bn_act(x, w, s, b, res, **args)
+        assert len(reference._cache) == 1
+        xd, wd, rd = x.double(), w.double(), res.double()
+        rk.fused_conv_bn_act(xd, wd, s.double(), b.double(), rd, **args)
+        assert len(reference._cache) == 1
