@@ -39,11 +39,12 @@ def fold_bn(weight, bias, running_mean, running_var, eps, conv_bias=None):
     weight/bias None mean affine=False (gamma=1, beta=0). Differentiable in weight and bias.
     """
     dt = torch.float64 if running_var.dtype == torch.float64 else torch.float32
-    scale = torch.rsqrt(running_var.to(dt) + eps)
+    as_dt = lambda t: t if t.dtype == dt else t.to(dt)  # noqa: E731  (skip no-op dispatches: hot path)
+    scale = torch.rsqrt(as_dt(running_var) + eps)
     if weight is not None:
-        scale = scale * weight.to(dt)
-    mean = running_mean.to(dt)
+        scale = scale * as_dt(weight)
+    mean = as_dt(running_mean)
     if conv_bias is not None:
-        mean = mean - conv_bias.to(dt)
-    shift = -mean * scale if bias is None else torch.addcmul(bias.to(dt), mean, scale, value=-1.0)
+        mean = mean - as_dt(conv_bias)
+    shift = -mean * scale if bias is None else torch.addcmul(as_dt(bias), mean, scale, value=-1.0)
     return scale, shift
