@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import reference
 from .functional import fold_bn, fused_conv_bn_act
 
 _BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -72,6 +73,34 @@ def conv_bn_problem(conv, bn, allow_folded=False):
     return None
 
 
+def _sig(t):
+    return None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+
+
+def _bn_constants(bn, conv_bias):
+    """(scale, shift) of an eval-mode BN, cached on the BN module while its sources are unchanged.
+
+    The key holds identity, version counter and storage of every source. BN's running-stat
+    update in training mode does not bump the statistics' version counters, but it always bumps
+    `num_batches_tracked`'s (the update happens only together with `num_batches_tracked.add_(1)`),
+    which is part of the key. No cache while autograd records, under torch.compile, for BNs
+    without `num_batches_tracked`, or for inference tensors; `clear_caches()` empties it.
+    """
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+    if (torch.compiler.is_compiling() or bn.num_batches_tracked is None
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            or any(t is not None and t.is_inference() for t in tensors + (bn.num_batches_tracked,))):
+        return fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
+    key = (reference.cache_generation(), bn.eps, _sig(bn.num_batches_tracked)) + tuple(_sig(t) for t in tensors)
+    hit = bn.__dict__.get("_resnet_kernels_fold")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors: later calls may save them for backward
+        value = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
+    bn.__dict__["_resnet_kernels_fold"] = (key, value)
+    return value
+
+
 def _check_backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -85,10 +114,7 @@ def _conv_bn(x, weight, conv_bias, conv, bn, residual, relu, backend):
         if residual is not None:
             y = y + residual
         return F.relu(y) if relu else y
-    # Recomputed on every call (a few per-channel ops): a cache keyed on tensor version counters
-    # would go stale, because BN's own running-stat update in training mode and writes through
-    # `.data` do not bump the version counter.
-    scale, shift = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
+    scale, shift = _bn_constants(bn, conv_bias)
     if x.dtype == torch.float64:
         scale, shift = scale.double(), shift.double()
     return fused_conv_bn_act(x, weight, scale, shift, residual, stride=conv.stride, padding=conv.padding,

@@ -101,8 +101,11 @@ for _dev in ("cpu", "cuda"):
 
 def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, backend):
     """Call the op (backend already resolved to a concrete name)."""
-    return torch.ops.resnet_kernels.conv_bn_act(x, weight, scale, shift, residual, list(stride), list(padding),
-                                                list(dilation), int(groups), bool(relu), backend)
+    return _OP(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), int(groups),
+               bool(relu), backend)
+
+
+_OP = torch.ops.resnet_kernels.conv_bn_act.default
 
 
 def build_info():

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 import weakref
 
 import torch
@@ -98,8 +99,18 @@ def caching_disabled():
         _tls.off = prev
 
 
+_generation = [0]
+
+
+def cache_generation():
+    """Bumped by clear_caches(); part of every cache key in the package."""
+    return _generation[0]
+
+
 def clear_caches():
-    """Drop every folded/prepacked weight (needed only after writing a weight through `.data`)."""
+    """Drop every folded/prepacked weight and cached BN constant (needed only after writing a
+    weight or BN tensor through `.data`, which bypasses version counters)."""
+    _generation[0] += 1
     _cache.clear()
 
 
@@ -127,17 +138,74 @@ def _onednn_ok(x, weight):
             and out_memory_format(x) == torch.channels_last)
 
 
-def _prepacked(weight, scale, x, stride, padding, dilation, groups):
-    kind = ("onednn", tuple(x.shape), tuple(stride), tuple(padding), tuple(dilation), groups)
+def _aten_path(x, folded, shift, residual, stride, padding, dilation, groups, relu, fmt):
+    y = as_canonical(F.conv2d(x, folded, shift.to(x.dtype), stride, padding, dilation, groups), fmt)
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.relu_()
+    return y
+
+
+def _onednn_path(x, packed, shift, residual, stride, padding, dilation, groups, relu, fmt):
+    if residual is not None:
+        res = residual.contiguous(memory_format=fmt)  # the post-op reads it in the output's layout
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, res, packed, shift, padding, stride, dilation, groups, "add", 1.0, "relu" if relu else None, [], None)
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, packed, shift, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+    return as_canonical(y, fmt)
+
+
+def _faster(a, b, reps=2):
+    """The faster of two thunks, each timed `reps` times interleaved (min of each)."""
+    ta, tb = float("inf"), float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta, tb = min(ta, t1 - t0), min(tb, t2 - t1)
+    return "onednn" if ta <= tb else "aten"
+
+
+_plans = {}  # geometry -> "onednn" | "aten", measured once per process
+
+
+def _cpu_plan(weight, scale, x, stride, padding, dilation, groups, args):
+    """For a cacheable CPU fp32 channels_last call: ("onednn", prepacked weight) or ("aten", folded
+    weight). oneDNN's prepacked weight with post-ops wins on the deep, small-spatial ResNet layers
+    (up to 1.5x) but loses on some wide, large-spatial ones (the stem, 64->256 1x1 at 56x56), so the
+    choice is measured the first time a geometry is seen and then kept for every weight of that
+    geometry in the process. torch.use_deterministic_algorithms(True) always takes "aten"."""
+    shift, residual, relu = args
+    geometry = (tuple(weight.shape), tuple(x.shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+                residual is not None, relu)
+    kind = ("cpu_plan",) + geometry
     value, miss = _cache.lookup(weight, scale, kind)
-    if value is None and miss is None:
-        return None  # uncacheable (autograd records): packing per call would cost more than it saves
-    if value is None:
-        folded = _fold(weight, scale)
-        value = False if folded is None else torch._C._nn.mkldnn_reorder_conv2d_weight(
-            folded.contiguous().to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
-        _cache.put(miss, value)
-    return None if value is False else value
+    if value is not None or miss is None:
+        return value
+    folded = _fold(weight, scale)
+    if folded is None:
+        _cache.put(miss, ("none", None))
+        return ("none", None)
+    folded = folded.contiguous(memory_format=torch.channels_last)
+
+    def pack():
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(folded.contiguous().to_mkldnn(), padding, stride,
+                                                        dilation, groups, list(x.shape))
+
+    choice = "aten" if torch.are_deterministic_algorithms_enabled() else _plans.get(geometry)
+    if choice is None:
+        packed = pack()
+        common = (shift, residual, stride, padding, dilation, groups, relu, torch.channels_last)
+        choice = _faster(lambda: _onednn_path(x, packed, *common), lambda: _aten_path(x, folded, *common))
+        _plans[geometry] = choice
+    value = (choice, pack() if choice == "onednn" else folded)
+    _cache.put(miss, value)
+    return value
 
 
 _EPILOGUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -173,26 +241,15 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
     fmt = out_memory_format(x)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if x.dtype in _FOLD_DTYPES:
-        if _onednn_ok(x, weight):
-            packed = _prepacked(weight, scale, x, stride, padding, dilation, groups)
-            if packed is not None:
-                if residual is not None:
-                    res = residual.contiguous(memory_format=fmt)  # the post-op reads it in the output's layout
-                    y = torch.ops.mkldnn._convolution_pointwise.binary(
-                        x, res, packed, shift, padding, stride, dilation, groups, "add", 1.0,
-                        "relu" if relu else None, [], None)
-                else:
-                    y = torch.ops.mkldnn._convolution_pointwise(
-                        x, packed, shift, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
-                return as_canonical(y, fmt)
-        folded = _folded(weight, scale, fmt)
+        plan = _cpu_plan(weight, scale, x, stride, padding, dilation, groups, (shift, residual, relu)) \
+            if _onednn_ok(x, weight) else None
+        if plan is not None and plan[0] == "onednn":
+            return _onednn_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
+        if plan is not None and plan[0] == "aten":
+            return _aten_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
+        folded = _folded(weight, scale, fmt) if plan is None else None
         if folded is not None:
-            y = as_canonical(F.conv2d(x, folded, shift.to(x.dtype), stride, padding, dilation, groups), fmt)
-            if residual is not None:
-                y.add_(residual)
-            if relu:
-                y.relu_()
-            return y
+            return _aten_path(x, folded, shift, residual, stride, padding, dilation, groups, relu, fmt)
     # BN as an fp32 epilogue on the low-precision convolution (fp32 accumulation inside it).
     w = weight if weight.is_contiguous(memory_format=fmt) else weight.contiguous(memory_format=fmt)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)

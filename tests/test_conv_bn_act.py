@@ -262,3 +262,49 @@ def test_no_cache_while_autograd_records_or_in_float64():
         xd, wd, rd = x.double(), w.double(), res.double()
         rk.fused_conv_bn_act(xd, wd, s.double(), b.double(), rd, **args)
         assert len(reference._cache) == 1
+
+
+@pytest.mark.parametrize("plan", ["onednn", "aten"])
+@pytest.mark.parametrize("residual", [None, "dense", "view"])
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2, r=1, padding=0), dict(c=3, k=16, r=7, stride=2, padding=3),
+                                  dict(c=16, k=32, groups=4), dict(dilation=2, padding=2)],
+                         ids=["3x3", "1x1s2", "stem", "groups", "dilated"])
+def test_cpu_plans_both_correct(plan, residual, geom):
+    """The torch backend picks oneDNN post-ops or ATen conv + in-place epilogue per geometry by
+    timing; both must be right, for every residual layout."""
+    from resnet_kernels import reference
+    x, w, s, b, res, args = make_case(channels_last=True, residual=residual, **geom)
+    rk.clear_caches()
+    old = dict(reference._plans)
+    try:
+        reference._plans.clear()
+        with torch.no_grad():
+            # the first call measures and records a plan for this geometry; force the one under test
+            rk.fused_conv_bn_act(x, w, s, b, res, **args)
+            assert len(reference._plans) == 1
+            key = next(iter(reference._plans))
+            reference._plans[key] = plan
+            rk.clear_caches()
+            for relu in (True, False):
+                y = rk.fused_conv_bn_act(x, w, s, b, res, relu=relu, **args)
+                assert y.is_contiguous(memory_format=torch.channels_last)
+                assert_matches(y, oracle(x, w, s, b, res, args, relu), dtype=torch.float32)
+    finally:
+        reference._plans.clear()
+        reference._plans.update(old)
+
+
+def test_deterministic_mode_never_measures():
+    from resnet_kernels import reference
+    x, w, s, b, res, args = make_case(channels_last=True, c=8, k=12)
+    rk.clear_caches()
+    reference._plans.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            y1 = rk.fused_conv_bn_act(x, w, s, b, res, **args)
+            rk.clear_caches()
+            y2 = rk.fused_conv_bn_act(x, w, s, b, res, **args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not reference._plans and torch.equal(y1, y2)
