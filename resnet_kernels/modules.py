@@ -97,7 +97,8 @@ def _bn_constants(bn, conv_bias):
         return hit[1]
     with torch.inference_mode(False), torch.no_grad():  # normal tensors: later calls may save them for backward
         value = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
-    bn.__dict__["_resnet_kernels_fold"] = (key, value)
+    # The entry holds its sources, so no freed tensor's id or storage can be reused to fake a hit.
+    bn.__dict__["_resnet_kernels_fold"] = (key, value, tensors + (bn.num_batches_tracked,))
     return value
 
 
