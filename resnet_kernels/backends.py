@@ -6,21 +6,29 @@ backend: it needs the extension built with nvcc and a GPU.
 
 `auto` picks, per call, the first backend in the preference order that is available and
 supports the call's geometry and dtype: on CUDA devices cuda > triton > torch; on CPU always
-torch (the interpreter is a correctness tool, never a speed path). RESNET_KERNELS_BACKEND
-overrides `auto`. A backend asked for by name that cannot serve a call raises.
+torch (the interpreter is a correctness tool, never a speed path). On CUDA a candidate is only
+taken for a call signature (shapes, strides class, dtype, geometry, device) after it has been
+checked once against the torch backend on that call's own inputs: a kernel that is wrong on
+some GPU or shape is never picked (it is reported once with a warning and skipped). Under
+torch.compile tracing or CUDA-graph capture no check can run, so only already-verified
+candidates are taken there and torch serves the rest. RESNET_KERNELS_BACKEND overrides `auto`
+(no check). A backend asked for by name that cannot serve a call raises.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import threading
+import warnings
 
 import torch
 
-from ._geometry import is_channels_last  # noqa: F401  (re-exported for backends)
+from ._geometry import as_canonical, is_channels_last, out_memory_format  # noqa: F401  (is_channels_last: re-exported)
 
 NAMES = ("torch", "triton", "cuda")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class BackendUnavailable(NotImplementedError):
@@ -97,17 +105,124 @@ def supports(name, x, weight, groups):
         return True, ""
     if dev != "cuda":
         return False, f"backend 'cuda' needs CUDA tensors, got x on {dev}"
+    if x.dtype not in _CUDA_DTYPES:
+        return False, (f"backend 'cuda' runs float16/bfloat16 on tensor cores, got {x.dtype} "
+                       "(auto sends float32 to triton or torch)")
+    if groups != 1:
+        return False, f"backend 'cuda' supports groups=1 only, got groups={groups} (auto sends groups to torch)"
+    major = _capability(x.device)[0]
+    if major < 8:
+        return False, f"backend 'cuda' needs compute capability 8.0 or newer (mma.sync with bf16), got {major}.x"
     return True, ""
 
 
-def resolve(backend, x, weight, groups):
-    """The concrete backend that serves this call."""
+_CAPS = {}
+
+
+def _capability(device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPS:
+        _CAPS[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPS[idx]
+
+
+# --- auto's per-signature check of each candidate against the torch backend -------------------------
+# {signature: True (verified) | False (wrong here: never taken)}; per process. (A disk cache shared
+# by processes comes with measured selection.)
+_VERDICTS = {}
+_VERDICT_LOCK = threading.Lock()
+# Max relative difference to the torch backend (same dtype, fp32 accumulation in both) that a
+# candidate may show: a few output ulps of the dtype, far below any real indexing or fragment bug
+# (those give O(1) errors) and above two correct fp32-accumulated results' rounding disagreement.
+_CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
+
+
+def _signature(name, x, weight, call):
+    scale, shift, residual, stride, padding, dilation, groups, relu = call
+    # Alignment class from the storage offset (allocations are 16-byte aligned; works on fake
+    # tensors too, so traced code finds eager's verdicts).
+    res = None if residual is None else (tuple(residual.stride()), _align(residual))
+    return (name, str(x.device), x.dtype, tuple(x.shape), tuple(x.stride()), _align(x),
+            tuple(weight.shape), tuple(weight.stride()), tuple(stride), tuple(padding), tuple(dilation),
+            int(groups), bool(relu), res, _tf32_allowed())
+
+
+def _align(t):
+    return (t.storage_offset() * t.element_size()) % 16
+
+
+def _tf32_allowed():
+    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+
+
+def _cannot_check():
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover  (no CUDA runtime)
+        return False
+
+
+def _check(name, x, weight, call):
+    """Run candidate `name` and the torch backend on this call's inputs; True when they agree."""
+    scale, shift, residual, stride, padding, dilation, groups, relu = call
+    from . import reference
+    with torch.no_grad():
+        try:
+            got = run(name, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+        except Exception as e:  # a launch or capability failure is a verdict too, never a crash mid-model
+            return False, f"{type(e).__name__}: {e}"
+        want = reference.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+        if got.shape != want.shape or got.stride() != want.stride():
+            return False, f"shape/strides {tuple(got.shape)}/{got.stride()} != {tuple(want.shape)}/{want.stride()}"
+        g, w = got.double(), want.double()
+        finite = torch.isfinite(w)
+        if not torch.equal(torch.isfinite(g), finite) or not torch.equal(torch.isnan(g), torch.isnan(w)):
+            return False, "non-finite values differ from the torch backend"
+        diff = ((g - w).abs()[finite].max() / (w.abs()[finite].max() + 1e-6)).item() if finite.any() else 0.0
+        tol = _CHECK_TOL.get(x.dtype, 1e-4) * (10 if x.dtype == torch.float32 and _tf32_allowed() else 1)
+        return diff <= tol, f"max relative difference {diff:.3g} to the torch backend (allowed {tol:.1g})"
+
+
+def _verified(name, x, weight, call):
+    key = _signature(name, x, weight, call)
+    verdict = _VERDICTS.get(key)
+    if verdict is not None or _cannot_check():
+        return bool(verdict)
+    ok, why = _check(name, x, weight, call)
+    with _VERDICT_LOCK:
+        _VERDICTS[key] = ok
+    if not ok:
+        warnings.warn(f"resnet_kernels: backend {name!r} disagrees with the torch backend on this call "
+                      f"(x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, stride {tuple(call[3])}, "
+                      f"padding {tuple(call[4])}, dilation {tuple(call[5])}): {why}; auto will not use it for "
+                      "this signature. Please report it (python -m resnet_kernels info).", RuntimeWarning)
+    return ok
+
+
+def _candidates(x):
+    """GPU candidates auto may take before falling back to torch (none on CPU: the Triton
+    interpreter is a correctness tool, not a speed path)."""
+    return ("cuda", "triton") if x.device.type == "cuda" else ()
+
+
+def verdicts():
+    """{signature: verified?} of auto's checks so far in this process."""
+    return dict(_VERDICTS)
+
+
+def resolve(backend, x, weight, groups, call=None):
+    """The concrete backend that serves this call.
+
+    call: (scale, shift, residual, stride, padding, dilation, groups, relu) of the call, which
+    lets `auto` check a GPU candidate on the call's own inputs before taking it.
+    """
     if backend == "auto":
         backend = os.environ.get("RESNET_KERNELS_BACKEND", "auto") or "auto"
         if backend == "auto":
-            order = ("cuda", "triton", "torch") if x.device.type == "cuda" else ("torch",)
-            for name in order:
-                if supports(name, x, weight, groups)[0]:
+            for name in _candidates(x):
+                if supports(name, x, weight, groups)[0] and (call is None or _verified(name, x, weight, call)):
                     return name
             return "torch"
     if backend not in NAMES:
@@ -130,6 +245,8 @@ def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, g
         return _triton_module().conv_bn_act(x, weight, scale, shift, residual, tuple(stride), tuple(padding),
                                             tuple(dilation), relu)
     if backend == "cuda":
-        return torch.ops.resnet_kernels.conv_bn_act_cuda(x, weight, scale, shift, residual, stride, padding,
-                                                         dilation, groups, relu)
+        # The kernels write NHWC; the op's contract is the input's memory format.
+        y = torch.ops.resnet_kernels.conv_bn_act_cuda(x, weight, scale, shift, residual, list(stride),
+                                                      list(padding), list(dilation), groups, relu)
+        return as_canonical(y, out_memory_format(x))
     raise ValueError(f"backend must be one of {NAMES} here, got {backend!r}")

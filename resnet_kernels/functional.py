@@ -23,7 +23,8 @@ def fused_conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, paddi
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # raises, naming it
     # The op validates everything else (its real and fake kernels share check_args).
-    name = backends.resolve(backend, x, weight, groups)
+    name = backends.resolve(backend, x, weight, groups,
+                            call=(scale, shift, residual, stride, padding, dilation, groups, relu))
     if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, scale, shift, residual)):
         from .reference import caching_disabled

@@ -2,7 +2,9 @@
 
 1. The CUDA extension really contains SASS for every arch it was built for, with the epilogue
    kernels (csrc/cuda/epilogue.cu) in each, and the 16-byte vector path really is 128-bit
-   loads/stores (cuobjdump from the triton wheel; the system toolkit does not ship it).
+   loads/stores (cuobjdump from the triton wheel; the system toolkit does not ship it); the
+   implicit-GEMM convolution kernels are on tensor cores (HMMA from mma.sync in every arch,
+   HGMMA from wgmma in sm_90a), fed by ldmatrix / cp.async, and do not spill.
 2. The epilogue's index and value arithmetic (csrc/cuda/epilogue_math.cuh) compiled for the
    host with g++ agrees with Python for NCHW and NHWC decompositions and residual offsets under
    arbitrary strides, including shapes whose linear index exceeds 2^31 and 2^32.
@@ -127,6 +129,94 @@ def test_vector_path_uses_128_bit_accesses(cuda_so):
         sass = _run([tool, "-sass", "-arch", sm, "-fun", fn, so])
         assert "LDG.E.128" in sass and "STG.E.128" in sass, f"{sm}: the vector path lost its 128-bit accesses:\n{sass}"
         assert not re.search(r"\b(STL|LDL)\b", sass), f"{sm}: {fn} spills to local memory"
+
+
+# --- 1b. the implicit-GEMM convolution kernels (csrc/cuda/conv_bn_act*.cu) -----------------------
+# Mangled pieces of the instantiations: element type, and the kVec template flag (Lb1E = the
+# 16-byte cp.async path, Lb0E = predicated scalar loads for C % 8 != 0, e.g. the 7x7 stem).
+_ELEM = {"half": "I6__half", "bfloat16": "I13__nv_bfloat16"}
+_HMMA = {"half": re.compile(r"HMMA\.16816\.F32(?!\.BF16)\b"), "bfloat16": re.compile(r"HMMA\.16816\.F32\.BF16\b")}
+_HGMMA = {"half": re.compile(r"HGMMA\.64x(64|128)x16\.F32(?!\.BF16)\b"),
+          "bfloat16": re.compile(r"HGMMA\.64x(64|128)x16\.F32\.BF16\b")}
+
+
+def _sass(tool, so, sm, fn):
+    return _run([tool, "-sass", "-arch", sm, "-fun", fn, so])
+
+
+def _res_usage(tool, so, sm):
+    """{function: {"REG": n, "STACK": n, "LOCAL": n, ...}} from `cuobjdump -res-usage`."""
+    out, fn, table = _run([tool, "-res-usage", "-arch", sm, so]), None, {}
+    for line in out.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            fn = m.group(1)
+        elif fn and "REG:" in line:
+            table[fn] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            fn = None
+    return table
+
+
+def _conv_kernels(table, sm, family):
+    return [f for f in table.get(sm, []) if f"conv_bn_act_{family}_kernel" in f]
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat16"])
+def test_mma_sync_kernels_use_tensor_cores(cuda_so, dtype):
+    """Every sm_80+ arch carries the mma.sync kernel: HMMA.16816 with fp32 accumulate, fed by
+    ldmatrix (LDSM); the vector instantiations load by cp.async (LDGSTS, 16 bytes, zero fill)."""
+    tool, so, sms = cuda_so
+    table = _symbols_by_arch(tool, so)
+    for sm in sms:
+        funcs = [f for f in _conv_kernels(table, sm, "sm80") if _ELEM[dtype] in f]
+        assert len(funcs) >= 3, f"{sm}: expected the 128x128, 64x64 and scalar {dtype} mma.sync kernels, got {funcs}"
+        for fn in funcs:
+            sass = _sass(tool, so, sm, fn)
+            assert _HMMA[dtype].search(sass), f"{sm} {fn}: no {dtype} HMMA.16816.F32 (mma.sync) in its SASS"
+            assert "LDSM.16.M88.4" in sass, f"{sm} {fn}: operands are not loaded with ldmatrix.x4 (LDSM)"
+            other = "bfloat16" if dtype == "half" else "half"
+            assert not _HMMA[other].search(sass), f"{sm} {fn}: {other} HMMA in a {dtype} kernel"
+            if "Lb1E" in fn:
+                assert "LDGSTS.E.BYPASS.128.ZFILL" in sass, f"{sm} {fn}: the vector path lost its 16-byte cp.async"
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat16"])
+def test_wgmma_kernels_use_hopper_tensor_cores(cuda_so, dtype):
+    """The sm_90a build carries warpgroup wgmma (HGMMA 64xNx16, fp32 accumulate) for both tile
+    widths, with operands staged by cp.async."""
+    tool, so, sms = cuda_so
+    if "sm_90a" not in sms:
+        pytest.skip(f"the extension was built without sm_90a (archs: {sms})")
+    table = _symbols_by_arch(tool, so)
+    funcs = [f for f in _conv_kernels(table, "sm_90a", "sm90") if _ELEM[dtype] in f]
+    assert len(funcs) == 2, f"expected the 128x128 and 128x64 {dtype} wgmma kernels in sm_90a, got {funcs}"
+    widths = set()
+    for fn in funcs:
+        sass = _sass(tool, so, "sm_90a", fn)
+        m = _HGMMA[dtype].search(sass)
+        assert m, f"sm_90a {fn}: no {dtype} HGMMA (wgmma) in its SASS"
+        widths.add(m.group(1))
+        assert "WARPGROUP.ARRIVE" in sass, f"sm_90a {fn}: no wgmma.fence (WARPGROUP.ARRIVE)"
+        assert "LDGSTS.E.BYPASS.128.ZFILL" in sass, f"sm_90a {fn}: operands are not staged by 16-byte cp.async"
+    assert widths == {"64", "128"}, f"wgmma tile widths {widths}"
+
+
+def test_main_conv_kernels_do_not_spill(cuda_so):
+    """ptxas' verdict, read back from the binary: the vector mma.sync kernels and the wgmma
+    kernels use no stack and no local memory (no spills), and their SASS has no STL/LDL. (The
+    scalar-load kernel for C % 8 != 0, i.e. the C=3 stem, is allowed a few bytes of stack.)"""
+    tool, so, sms = cuda_so
+    for sm in sms:
+        usage = _res_usage(tool, so, sm)
+        main = [f for f in usage if "conv_bn_act_sm80_kernel" in f and "Lb1E" in f]
+        if sm == "sm_90a":
+            main += [f for f in usage if "conv_bn_act_sm90_kernel" in f]
+        assert main, f"{sm}: no conv kernels in -res-usage"
+        for fn in main:
+            u = usage[fn]
+            assert u.get("STACK", 0) == 0 and u.get("LOCAL", 0) == 0, f"{sm} {fn} spills: {u}"
+            assert u["REG"] <= 255, f"{sm} {fn}: {u}"
+            assert not re.search(r"\b(STL|LDL)\b", _sass(tool, so, sm, fn)), f"{sm} {fn}: local memory in SASS"
 
 
 # --- 2. host-side check of epilogue_math.cuh ---------------------------------------------------
