@@ -31,8 +31,13 @@ struct Geom {
   int64_t sh, sw, ph, pw, dh, dw;
 };
 
+// floor((in + 2 pad - dil (k - 1) - 1) / stride) + 1, as torch computes it. C++ `/` truncates toward
+// zero, which would turn a slightly negative numerator (filter larger than the padded input)
+// into a 1-pixel output instead of an empty one: floor explicitly.
 RK_HOST_DEVICE int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
-  return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+  const int64_t num = in + 2 * pad - dil * (k - 1) - 1;
+  const int64_t q = num / stride;
+  return (num % stride != 0 && num < 0 ? q - 1 : q) + 1;
 }
 
 RK_HOST_DEVICE int64_t gemm_m(const Geom& g) { return g.N * g.P * g.Q; }
