@@ -21,6 +21,23 @@ TORCH_LIBRARY(resnet_kernels, m) {
       "conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, str backend) -> Tensor");
   m.def("bn_act_epilogue_(Tensor(a!) y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> ()");
+  // Training (BN with batch statistics). Forward: y = conv(x, weight) (x's dtype), its per-channel
+  // mean and biased variance (fp32; fp64 for fp64 x), and out = act((y - mean) * rsqrt(var + eps)
+  // * gamma + beta + residual). gamma/beta None mean affine=False.
+  m.def(
+      "conv_bn_train(Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, float eps, bool relu, str backend) "
+      "-> (Tensor out, Tensor y, Tensor mean, Tensor var)");
+  // Backward of the BN + residual + ReLU part: one reduction (sum of gz and gz * y_hat per channel)
+  // and one elementwise pass (dy). Returns (dy, dgamma, dbeta); the residual's gradient is gz.
+  m.def(
+      "bn_act_train_backward(Tensor grad, Tensor out, Tensor y, Tensor mean, Tensor var, Tensor? gamma, "
+      "float eps, bool relu, str backend) -> (Tensor dy, Tensor gz, Tensor dgamma, Tensor dbeta)");
+  // nn.BatchNorm2d's running-statistics update (momentum=None: cumulative average over
+  // num_batches_tracked, which is incremented first). count = values per channel (N*H*W).
+  m.def(
+      "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor mean, Tensor var, int count, float? momentum) -> ()");
 }
 
 // Build-time facts that `python -m resnet_kernels info` reports.

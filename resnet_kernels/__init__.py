@@ -24,7 +24,7 @@ _C_STATUS = _load_extension()
 from . import ops  # noqa: E402  (registers implementations against the schemas)
 from .backends import BackendUnavailable, available_backends  # noqa: E402
 from .convert import convert, summary  # noqa: E402
-from .functional import fold_bn, fused_conv_bn_act  # noqa: E402
+from .functional import fold_bn, fused_conv_bn_act, fused_conv_bn_train  # noqa: E402
 from .reference import clear_caches  # noqa: E402
 from .modules import FoldedBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConvBNAct  # noqa: E402
 
@@ -35,6 +35,7 @@ __all__ = [
     "convert",
     "summary",
     "fused_conv_bn_act",
+    "fused_conv_bn_train",
     "fold_bn",
     "clear_caches",
     "FusedConvBNAct",

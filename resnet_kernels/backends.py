@@ -250,3 +250,51 @@ def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, g
                                                       list(padding), list(dilation), groups, relu)
         return as_canonical(y, out_memory_format(x))
     raise ValueError(f"backend must be one of {NAMES} here, got {backend!r}")
+
+
+# --- training (BN with batch statistics) -----------------------------------------------------------
+def resolve_train(backend, x, weight, groups):
+    """The backend for a training-mode call. auto: torch on CPU; on CUDA the first of triton,
+    torch that supports the call (the training kernels are checked by the test suite and the
+    device check, not per call: a per-call check would double every training step's cost)."""
+    if backend == "auto":
+        backend = os.environ.get("RESNET_KERNELS_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            if x.device.type == "cuda" and supports_train("triton", x, weight, groups)[0]:
+                return "triton"
+            return "torch"
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
+    ok, why = supports_train(backend, x, weight, groups)
+    if not ok:
+        raise BackendUnavailable(why)
+    return backend
+
+
+def supports_train(name, x, weight, groups):
+    if name == "cuda":
+        return False, "backend 'cuda' has no training (batch-statistics) kernels yet; use 'triton' or 'torch'"
+    return supports(name, x, weight, groups)
+
+
+def run_train(backend, x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu):
+    if backend == "torch":
+        from . import reference
+        return reference.conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
+                                       relu)
+    ok, why = supports_train(backend, x, weight, groups)
+    if not ok:
+        raise BackendUnavailable(why)
+    return _triton_train_module().conv_bn_train(x, weight, gamma, beta, residual, tuple(stride), tuple(padding),
+                                                tuple(dilation), eps, relu)
+
+
+def run_train_backward(backend, grad, out, y, mean, var, gamma, eps, relu):
+    if backend == "triton" and (y.is_cuda or _INTERPRET):
+        return _triton_train_module().bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu)
+    from . import reference
+    return reference.bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu)
+
+
+def _triton_train_module():
+    return importlib.import_module("resnet_kernels.triton.conv_bn_train")

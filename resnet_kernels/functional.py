@@ -51,3 +51,29 @@ def fold_bn(weight, bias, running_mean, running_var, eps, conv_bias=None):
         mean = mean - as_dt(conv_bias)
     shift = -mean * scale if bias is None else torch.addcmul(as_dt(bias), mean, scale, value=-1.0)
     return scale, shift
+
+
+def fused_conv_bn_train(x, weight, gamma, beta, residual=None, *, running_mean=None, running_var=None,
+                        num_batches_tracked=None, momentum=0.1, eps=1e-5, update_running_stats=True, stride=1,
+                        padding=0, dilation=1, groups=1, relu=True, backend="auto"):
+    """Training-mode act(BN(conv(x, weight)) + residual), BN with batch statistics.
+
+    The same semantics as nn.BatchNorm2d in training mode: normalise with the batch's biased
+    variance; when `update_running_stats` and running buffers are given, update them with the
+    unbiased variance and `momentum` (None: cumulative average over `num_batches_tracked`, which
+    is incremented first). gamma/beta None mean affine=False. Differentiable in x, weight, gamma,
+    beta and residual. Returns out (x's dtype and memory format).
+    """
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        check_args(x, weight, None, None, residual, stride, padding, dilation, groups)  # raises, naming it
+    name = backends.resolve_train(backend, x, weight, groups)
+    out, y, mean, var = ops.conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
+                                          relu, name)
+    if update_running_stats and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            ops.bn_update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(),
+                                         var.detach(), y.numel() // max(y.shape[1], 1), momentum)
+    return out

@@ -8,8 +8,9 @@
 - FusedBasicBlock / FusedBottleneck: torchvision's blocks with the BN, the residual add and the
   ReLUs in the convolutions' epilogues; same children, same state_dict.
 
-Eval mode with running statistics uses the fused op. Training mode (or a BN without running
-statistics) runs the unfused modules with nn.BatchNorm2d's exact semantics.
+Eval mode with running statistics uses the fused inference op. Training mode (and a BN without
+running statistics) uses the fused training op: conv + batch statistics, one fused
+normalise/residual/ReLU pass, nn.BatchNorm2d's exact running-stat update, and a fused backward.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
-from .functional import fold_bn, fused_conv_bn_act
+from .functional import fold_bn, fused_conv_bn_act, fused_conv_bn_train
 
 _BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -108,8 +109,33 @@ def _check_backend(backend):
     return backend
 
 
+def _batch_stats(bn):
+    """nn.BatchNorm2d's rule: batch statistics in training, and in eval when it has no running stats."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _train_problem(x, conv_bias, bn):
+    """None when the fused training op reproduces this BN exactly, else why not."""
+    if conv_bias is not None:
+        return "the conv has a bias"
+    if (bn.running_mean is None) != (bn.running_var is None):
+        return "only one of running_mean / running_var is set"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return "x is not a 4-D tensor"
+    return None
+
+
 def _conv_bn(x, weight, conv_bias, conv, bn, residual, relu, backend):
-    """relu?(bn(conv(x)) + residual): fused in eval mode with running stats, unfused otherwise."""
+    """relu?(bn(conv(x)) + residual): fused in eval mode with running stats; in training mode
+    (batch statistics) the fused training op with nn.BatchNorm2d's exact running-stat update."""
+    if _batch_stats(bn) and _train_problem(x, conv_bias, bn) is None:
+        update = bn.training and bn.track_running_stats and bn.running_mean is not None
+        return fused_conv_bn_train(
+            x, weight, bn.weight, bn.bias, residual, running_mean=bn.running_mean if update else None,
+            running_var=bn.running_var if update else None,
+            num_batches_tracked=bn.num_batches_tracked if update else None, momentum=bn.momentum, eps=bn.eps,
+            update_running_stats=update, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+            groups=conv.groups, relu=relu, backend=backend)
     if bn.training or bn.running_mean is None or bn.running_var is None:
         y = _normalize(bn, F.conv2d(x, weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         if residual is not None:

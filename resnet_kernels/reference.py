@@ -266,3 +266,82 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
     if relu:
         acc.relu_()
     return as_canonical(acc.to(x.dtype), fmt)
+
+
+# --- training: BN with batch statistics -----------------------------------------------------------
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t):
+    return t.view(1, -1, 1, 1)
+
+
+def bn_act_apply(y, mean, var, gamma, beta, residual, eps, relu, fmt):
+    """act((y - mean) * rsqrt(var + eps) * gamma + beta + residual) in fp32 (fp64 for fp64), one
+    rounding to y's dtype. Written as y * a + b with per-channel a, b: one pass over y."""
+    a = torch.rsqrt(var + eps)
+    if gamma is not None:
+        a = a * gamma.to(a.dtype)
+    b = -mean * a if beta is None else beta.to(a.dtype) - mean * a
+    acc = torch.empty(y.shape, dtype=a.dtype, device=y.device, memory_format=fmt)
+    torch.mul(y, _per_channel(a), out=acc)
+    acc.add_(_per_channel(b))
+    if residual is not None:
+        acc.add_(residual)
+    if relu:
+        acc.relu_()
+    return as_canonical(acc if acc.dtype == y.dtype else acc.to(y.dtype), fmt)
+
+
+def conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu):
+    """(out, y, mean, var) of a training-mode conv -> BN(batch stats) -> (+ residual) -> act."""
+    fmt = out_memory_format(x)
+    w = weight if weight.is_contiguous(memory_format=fmt) else weight.contiguous(memory_format=fmt)
+    y = as_canonical(F.conv2d(x, w, None, list(stride), list(padding), list(dilation), groups), fmt)
+    sdt = _stat_dtype(x)
+    var, mean = torch.var_mean(y if y.dtype == sdt else y.to(sdt), dim=(0, 2, 3), correction=0)
+    out = bn_act_apply(y, mean, var, gamma, beta, residual, eps, relu, fmt)
+    return out, y, mean, var
+
+
+def bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu):
+    """(dy, gz, dgamma, dbeta) of out = act(y_hat * gamma + beta + residual), y_hat from batch stats.
+
+    gz = dL/d(pre-activation) (also the residual's gradient); with batch statistics
+    dy = gamma * invstd * (gz - mean(gz) - y_hat * mean(gz * y_hat)) per channel.
+    gz is returned only under ReLU (empty otherwise: it is `grad` itself, passed through uncopied).
+    """
+    sdt = mean.dtype
+    fmt = out_memory_format(y)
+    g = grad if grad.dtype == sdt else grad.to(sdt)
+    if relu:
+        g = g * (out > 0)
+    invstd = torch.rsqrt(var + eps)
+    yhat = (y.to(sdt) - _per_channel(mean)) * _per_channel(invstd)
+    n = y.numel() // y.shape[1]
+    dbeta = g.sum((0, 2, 3))
+    dgamma = (g * yhat).sum((0, 2, 3))
+    a = invstd if gamma is None else invstd * gamma.to(sdt)
+    dy = (g - _per_channel(dbeta / n) - yhat * _per_channel(dgamma / n)) * _per_channel(a)
+    gz = as_canonical(g.to(grad.dtype), fmt) if relu else grad.new_empty(0)
+    return as_canonical(dy.to(y.dtype), fmt), gz, dgamma, dbeta
+
+
+def bn_update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    """nn.BatchNorm2d's update, in fp32/fp64, written back in the buffers' own dtype."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:  # cumulative moving average
+        factor = 1.0 / num_batches_tracked.to(torch.float64) if num_batches_tracked is not None else 0.0
+    else:
+        factor = momentum
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    for buf, new in ((running_mean, mean), (running_var, unbiased)):
+        nd = new.to(torch.float64 if buf.dtype == torch.float64 else torch.float32)
+        if isinstance(factor, torch.Tensor):
+            f = factor.to(nd.dtype)
+            upd = buf.to(nd.dtype) * (1 - f) + nd * f
+        else:
+            upd = buf.to(nd.dtype) * (1 - factor) + nd * factor
+        buf.copy_(upd)

