@@ -116,14 +116,14 @@ def supports(name, x, weight, groups):
     return True, ""
 
 
-_CAPS = {}
+# Read once at import (like _STATUS): plain constants keep routing traceable by torch.compile.
+_CAPS = {i: torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())} \
+    if torch.cuda.is_available() else {}
 
 
 def _capability(device):
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPS:
-        _CAPS[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPS[idx]
+    return _CAPS.get(idx, (0, 0))
 
 
 # --- auto's per-signature check of each candidate against the torch backend -------------------------

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -72,6 +73,13 @@ bool built_with_sm90a() {
 #else
   return false;
 #endif
+}
+
+// RESNET_KERNELS_CUDA_FORCE_SM80=1 sends sm_90 devices to the mma.sync kernels too, so one H100/H200
+// can test both kernel families (tests and scripts/device_check.sh use it).
+bool force_sm80() {
+  const char* v = std::getenv("RESNET_KERNELS_CUDA_FORCE_SM80");
+  return v != nullptr && v[0] == '1';
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -199,7 +207,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(prop->major >= 8, kOp, ": needs compute capability 8.0 or newer (mma.sync m16n8k16 with bf16), "
               "this device is ", prop->major, ".", prop->minor);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm90 = prop->major == 9 && built_with_sm90a() && c.vec;
+  const bool sm90 = prop->major == 9 && built_with_sm90a() && c.vec && !force_sm80();
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const Params<T> p = make_params<T>(c, relu);
@@ -218,7 +226,7 @@ std::string conv_bn_act_cuda_plan(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor scale = at::ones({K}, x.options().dtype(at::kFloat));
   Call c = prepare(x, weight, scale, scale, std::nullopt, stride, padding, dilation, 1);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return plan_name(prop->major, built_with_sm90a(), c.vec, gemm_m(c.g), K, prop->multiProcessorCount);
+  return plan_name(prop->major, built_with_sm90a() && !force_sm80(), c.vec, gemm_m(c.g), K, prop->multiProcessorCount);
 }
 
 }  // namespace

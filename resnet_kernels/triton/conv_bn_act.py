@@ -122,6 +122,9 @@ def _conv_bn_act_kernel(
     srn, srk, srp, srq,  # residual element strides (n, k, p, q); 0 if no residual
     son, sok, sop, soq,  # out element strides (n, k, p, q)
     M_BUCKET,  # power-of-two bucket of M; only read by the autotuner key
+    psum_ptr,  # STATS: fp32 [tiles_m, K] per-tile sum of the conv output; dummy otherwise
+    pm2_ptr,  # STATS: fp32 [tiles_m, K] per-tile sum of squared deviations from the tile mean
+    pcnt_ptr,  # STATS: fp32 [tiles_m] valid rows of each M tile
     R: tl.constexpr,  # filter height
     S: tl.constexpr,  # filter width
     HAS_RES: tl.constexpr,  # add residual before the activation
@@ -130,6 +133,7 @@ def _conv_bn_act_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", only matters for fp32 operands
     IDX64: tl.constexpr,  # per-image / weight offsets may exceed int32
     FLAT_K: tl.constexpr,  # single flattened GEMM-K loop (ragged/small C)
+    STATS: tl.constexpr,  # training: store the raw conv output and per-tile channel statistics
     BLOCK_M: tl.constexpr,  # output pixels per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # reduction slice per step
@@ -221,16 +225,30 @@ def _conv_bn_act_kernel(
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue entirely in fp32; one rounding to the output dtype at the store.
-    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
-    y = acc * scale[None, :] + shift[None, :]
-
     n64 = n_img.to(tl.int64)
     oh64 = oh.to(tl.int64)
     ow64 = ow.to(tl.int64)
     k64 = offs_n.to(tl.int64)
     mn_mask = m_mask[:, None] & n_mask[None, :]
+    if STATS:
+        # Batch statistics from the fp32 accumulator, no extra pass over y: the tile's per-channel
+        # sum and its sum of squared deviations from the tile mean (Chan et al. combine the tiles
+        # on the host; deviations, not raw squares, so a large mean cannot cancel the variance).
+        # Plain stores, one slot per tile: deterministic, and safe under autotuning reruns.
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        accm = tl.where(mn_mask, acc, 0.0)
+        tsum = tl.sum(accm, axis=0)
+        dev = tl.where(mn_mask, acc - (tsum / cnt)[None, :], 0.0)
+        tm2 = tl.sum(dev * dev, axis=0)
+        tl.store(psum_ptr + pid_m.to(tl.int64) * K + offs_n, tsum, mask=n_mask)
+        tl.store(pm2_ptr + pid_m.to(tl.int64) * K + offs_n, tm2, mask=n_mask)
+        tl.store(pcnt_ptr + pid_m, cnt, mask=pid_n == 0)
+        y = acc
+    else:
+        # Epilogue entirely in fp32; one rounding to the output dtype at the store.
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc * scale[None, :] + shift[None, :]
     if HAS_RES:
         r_off = (n64 * srn + oh64 * srp + ow64 * srq)[:, None] + (k64 * srk)[None, :]
         res = tl.load(res_ptr + r_off, mask=mn_mask, other=0.0)
@@ -470,8 +488,14 @@ def conv_bn_act(
     *,
     config: Optional[dict] = None,
     out: Optional[torch.Tensor] = None,
+    stats: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``act(conv2d(x, weight) * scale[k] + shift[k] + residual)`` in one kernel.
+
+    ``stats`` (training, see ``conv_bn_train.py``): zero-initialised fp32 buffers
+    ``(psum [T, K], pm2 [T, K], pcnt [T])`` with ``T >= cdiv(M, smallest BLOCK_M)``;
+    the kernel then stores the raw convolution (scale/shift/residual/relu are
+    not applied) and each M tile's channel sums and squared deviations.
 
     Args:
         x: ``[N, C, H, W]`` fp32/fp16/bf16, any strides (channels_last is fastest).
@@ -628,6 +652,10 @@ def conv_bn_act(
         son, sok, sop, soq,
         m_bucket,
     )
+    if stats is None:
+        args += (out, out, out)  # never touched: STATS=False removes the stores
+    else:
+        args += tuple(stats)
     flags = dict(
         R=R,
         S=S,
@@ -636,6 +664,7 @@ def conv_bn_act(
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
         IDX64=idx64,
+        STATS=stats is not None,
     )
 
     def grid(meta):
