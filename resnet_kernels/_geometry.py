@@ -96,11 +96,22 @@ def check_args(x, weight, scale, shift, residual, stride, padding, dilation, gro
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape:
             raise ValueError(f"residual must have the output's shape {list(shape)}, got {_desc(residual)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        if not residual_dtype_ok(x.dtype, residual.dtype):
+            raise TypeError(f"residual must have x's dtype {x.dtype}"
+                            f"{' (or float32, added in fp32)' if x.dtype in _LOW else ''}, got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
     return shape, out_memory_format(x)
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def residual_dtype_ok(x_dtype, r_dtype):
+    """x's dtype, or float32 for fp16/bf16 x: the epilogue adds in fp32, and under autocast a
+    block's fp32 shortcut (torchvision adds it to the low-precision BN output in fp32) keeps its
+    precision instead of being rounded first."""
+    return r_dtype == x_dtype or (x_dtype in _LOW and r_dtype == torch.float32)
 
 
 def _desc(t):

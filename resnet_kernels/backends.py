@@ -245,7 +245,10 @@ def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, g
         return _triton_module().conv_bn_act(x, weight, scale, shift, residual, tuple(stride), tuple(padding),
                                             tuple(dilation), relu)
     if backend == "cuda":
-        # The kernels write NHWC; the op's contract is the input's memory format.
+        # The kernels write NHWC; the op's contract is the input's memory format. They read the
+        # residual in x's dtype (an fp32 residual of fp16/bf16 x is rounded first).
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
         y = torch.ops.resnet_kernels.conv_bn_act_cuda(x, weight, scale, shift, residual, list(stride),
                                                       list(padding), list(dilation), groups, relu)
         return as_canonical(y, out_memory_format(x))

@@ -60,6 +60,7 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.relu = relu
     ctx.has_residual = residual is not None
+    ctx.res_dtype = None if residual is None else residual.dtype
     ctx.save_for_backward(x, weight, scale, output if relu else None)
 
 
@@ -75,7 +76,7 @@ def _backward(ctx, grad):
     if need[2]:  # the pre-BN convolution output is recomputed rather than kept alive
         conv = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         d_scale = (g * conv.to(g.dtype)).sum((0, 2, 3))
-    d_res = g.to(grad.dtype) if ctx.has_residual and need[4] else None
+    d_res = g.to(ctx.res_dtype) if ctx.has_residual and need[4] else None
     dx = dw = None
     if need[0] or need[1]:
         g_conv = (g * scale.view(1, -1, 1, 1)).to(x.dtype)
@@ -98,10 +99,13 @@ def _register_autocast(device_type, name):
     def _cast(t, dt):
         return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
+    def _cast_res(r, dt):  # an fp32 residual stays fp32: added in fp32 like torchvision's shortcut
+        return r if r is None or r.dtype == torch.float32 else _cast(r, dt)
+
     def kernel(_keyset, x, weight, scale, shift, residual, *rest):
         dt = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(_cast(x, dt), _cast(weight, dt), scale, shift, _cast(residual, dt), *rest)
+            return op(_cast(x, dt), _cast(weight, dt), scale, shift, _cast_res(residual, dt), *rest)
 
     _impl.impl(name, kernel, key_name, with_keyset=True)
 
@@ -194,6 +198,7 @@ def _train_setup_context(ctx, inputs, output):
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
     ctx.has_gamma, ctx.has_residual = gamma is not None, residual is not None
+    ctx.res_dtype = None if residual is None else residual.dtype
     ctx.mark_non_differentiable(y, mean, var)
     ctx.save_for_backward(x, weight, gamma, out if relu else None, y, mean, var)
 
@@ -208,6 +213,8 @@ def _train_backward(ctx, grad, _gy, _gmean, _gvar):
     d_res = None
     if ctx.has_residual and need[4]:
         d_res = gz if ctx.relu else grad  # without ReLU the residual's gradient is grad itself: no copy
+        if d_res.dtype != ctx.res_dtype:
+            d_res = d_res.to(ctx.res_dtype)
     dx = dw = None
     if need[0] or need[1]:
         dx, dw, _ = torch.ops.aten.convolution_backward(

@@ -295,13 +295,30 @@ def bn_act_apply(y, mean, var, gamma, beta, residual, eps, relu, fmt):
 
 
 def conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu):
-    """(out, y, mean, var) of a training-mode conv -> BN(batch stats) -> (+ residual) -> act."""
+    """(out, y, mean, var) of a training-mode conv -> BN(batch stats) -> (+ residual) -> act.
+
+    ATen's own batch-norm kernel normalises (statistics and apply fused, one read of y for each;
+    channels_last-aware on CPU, cuDNN-class on GPU); the residual add and ReLU run in place on its
+    output. Measured on the 2-core CPU (resnet18 train step): a var_mean + fp32-epilogue composite
+    was 0.75x eager, this is on par with it.
+    """
     fmt = out_memory_format(x)
     w = weight if weight.is_contiguous(memory_format=fmt) else weight.contiguous(memory_format=fmt)
     y = as_canonical(F.conv2d(x, w, None, list(stride), list(padding), list(dilation), groups), fmt)
     sdt = _stat_dtype(x)
-    var, mean = torch.var_mean(y if y.dtype == sdt else y.to(sdt), dim=(0, 2, 3), correction=0)
-    out = bn_act_apply(y, mean, var, gamma, beta, residual, eps, relu, fmt)
+    g = None if gamma is None else gamma.to(sdt) if x.dtype == torch.float64 else gamma
+    b = None if beta is None else beta.to(sdt) if x.dtype == torch.float64 else beta
+    if g is not None and b is None:
+        b = torch.zeros_like(g)
+    out, mean, invstd = torch.ops.aten.native_batch_norm(y, g, b, None, None, True, 0.0, eps)
+    mean, invstd = mean.to(sdt), invstd.to(sdt)
+    # biased variance back from invstd = 1/sqrt(var + eps), in float64 (exact to fp32 rounding of invstd)
+    var = (invstd.double().reciprocal().square() - eps).clamp_min(0.0).to(sdt)
+    out = as_canonical(out, fmt)
+    if residual is not None:
+        out.add_(residual)
+    if relu:
+        out.relu_()
     return out, y, mean, var
 
 
@@ -309,23 +326,25 @@ def bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu):
     """(dy, gz, dgamma, dbeta) of out = act(y_hat * gamma + beta + residual), y_hat from batch stats.
 
     gz = dL/d(pre-activation) (also the residual's gradient); with batch statistics
-    dy = gamma * invstd * (gz - mean(gz) - y_hat * mean(gz * y_hat)) per channel.
-    gz is returned only under ReLU (empty otherwise: it is `grad` itself, passed through uncopied).
+    dy = gamma * invstd * (gz - mean(gz) - y_hat * mean(gz * y_hat)) per channel: ATen's fused
+    batch-norm backward (one reduction + one elementwise pass). gz is returned only under ReLU
+    (empty otherwise: it is `grad` itself, passed through uncopied).
     """
-    sdt = mean.dtype
     fmt = out_memory_format(y)
-    g = grad if grad.dtype == sdt else grad.to(sdt)
-    if relu:
-        g = g * (out > 0)
-    invstd = torch.rsqrt(var + eps)
-    yhat = (y.to(sdt) - _per_channel(mean)) * _per_channel(invstd)
-    n = y.numel() // y.shape[1]
-    dbeta = g.sum((0, 2, 3))
-    dgamma = (g * yhat).sum((0, 2, 3))
-    a = invstd if gamma is None else invstd * gamma.to(sdt)
-    dy = (g - _per_channel(dbeta / n) - yhat * _per_channel(dgamma / n)) * _per_channel(a)
-    gz = as_canonical(g.to(grad.dtype), fmt) if relu else grad.new_empty(0)
-    return as_canonical(dy.to(y.dtype), fmt), gz, dgamma, dbeta
+    g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+    if g.dtype != y.dtype:
+        g = g.to(y.dtype)
+    g = as_canonical(g, fmt)
+    invstd = torch.rsqrt(var.double() + eps).to(mean.dtype)
+    gam = gamma
+    if gam is not None and y.dtype == torch.float64:
+        gam = gam.double()
+    if gam is None:
+        gam = torch.ones_like(mean)
+    dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+        g, y, gam, None, None, mean, invstd, True, eps, [True, True, True])
+    gz = g if relu else grad.new_empty(0)
+    return as_canonical(dy, fmt), gz, dgamma.to(mean.dtype), dbeta.to(mean.dtype)
 
 
 def bn_update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):

@@ -463,8 +463,8 @@ def supports(
             return False, "residual must be a torch.Tensor or None"
         if tuple(residual.shape) != (N, K, P, Q):
             return False, f"residual shape {tuple(residual.shape)} must be [N, K, P, Q]={[N, K, P, Q]}"
-        if residual.dtype != x.dtype:
-            return False, f"residual dtype {residual.dtype} must match x dtype {x.dtype}"
+        if residual.dtype != x.dtype and not (x.dtype != torch.float32 and residual.dtype == torch.float32):
+            return False, f"residual dtype {residual.dtype} must match x dtype {x.dtype} (or be float32)"
         if residual.device != x.device:
             return False, f"residual device {residual.device} must match x device {x.device}"
     return True, "ok"
@@ -587,8 +587,9 @@ def conv_bn_act(
             raise ValueError(
                 f"residual must have shape [N, K, P, Q]={[N, K, P, Q]}, got {list(residual.shape)}"
             )
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual dtype must match x dtype {x.dtype}, got {residual.dtype}")
+        if residual.dtype != x.dtype and not (x.dtype != torch.float32 and residual.dtype == torch.float32):
+            # a float32 residual with fp16/bf16 x is read as fp32 (the epilogue adds in fp32)
+            raise TypeError(f"residual dtype must match x dtype {x.dtype} (or be float32), got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
 
