@@ -12,6 +12,7 @@
 #              (pip install --no-build-isolation --no-deps --no-index -e .; fallback setup.py build_ext --inplace)
 #   info       python -m resnet_kernels info                                -> $OUT/info.txt
 #   gpu_tests  pytest -m gpu tests/test_gpu_kernels.py                      -> $OUT/pytest.log, $OUT/pytest.xml
+#   bench_train  benchmarks/bench_train.py --device cuda --amp bf16 (last: cut first when time runs out)
 #   gpu_sm80   the cuda-backend tests again with RESNET_KERNELS_CUDA_FORCE_SM80=1 -> $OUT/pytest_sm80.log
 #   sanitizer  compute-sanitizer memcheck on one vector-path and one C=3 call -> $OUT/sanitizer.log
 #   bench      benchmarks/bench_cuda_quick.py --quick                       -> $OUT/bench/, $OUT/bench.log
@@ -128,7 +129,7 @@ run_step info 60 "$OUT/info.txt" TERM "$PY" -m resnet_kernels info
 # --- GPU tests ----------------------------------------------------------------------------------------------
 # SIGINT on timeout: pytest then stops cleanly and still writes the junit xml and the summary.
 # -v: one line per test as it starts/ends, so a hang or a poisoned CUDA context is attributed to its test.
-run_step gpu_tests 230 "$OUT/pytest.log" INT "$PY" -m pytest -m gpu tests/test_gpu_kernels.py -v -rfEs \
+run_step gpu_tests 230 "$OUT/pytest.log" INT "$PY" -m pytest -m gpu tests/test_gpu_kernels.py tests/test_gpu_train.py -v -rfEs \
   --durations=25 --junitxml="$OUT/pytest.xml" -p no:cacheprovider
 
 # The same cuda-backend tests with sm_90 devices sent to the mma.sync kernels (an H100/H200 would
@@ -192,6 +193,9 @@ fi
 
 # --- quick benchmark ----------------------------------------------------------------------------------------
 run_step bench 200 "$OUT/bench.log" TERM "$PY" benchmarks/bench_cuda_quick.py --quick --out "$OUT/bench"
+# Training step (resnet50, bf16 AMP, channels_last): eager vs torch.compile vs converted, peak memory.
+run_step bench_train 150 "$OUT/bench_train.log" TERM "$PY" benchmarks/bench_train.py --device cuda --amp bf16 \
+  --batch 128 --rounds 3 --out "$OUT/bench"
 
 # --- summary ------------------------------------------------------------------------------------------------
 {
