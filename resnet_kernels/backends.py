@@ -13,6 +13,14 @@ some GPU or shape is never picked (it is reported once with a warning and skippe
 torch.compile tracing or CUDA-graph capture no check can run, so only already-verified
 candidates are taken there and torch serves the rest. RESNET_KERNELS_BACKEND overrides `auto`
 (no check). A backend asked for by name that cannot serve a call raises.
+
+Measured choice: where more than one backend could serve a call, auto times every candidate that
+passed the check, and the torch backend, on the call's own inputs the first time a signature is
+seen, and takes the fastest. The choice is remembered per process and on disk per device
+(_autotune.py: one JSON file per device, safe under concurrent processes, ignored when the
+library, torch/triton or the device changes), so later processes skip the timing; they still run
+the correctness check before taking a stored candidate. RESNET_KERNELS_AUTOTUNE=0 turns the timing
+off (the first checked candidate in preference order is taken, as before).
 """
 from __future__ import annotations
 
@@ -20,10 +28,12 @@ import importlib
 import importlib.util
 import os
 import threading
+import time
 import warnings
 
 import torch
 
+from . import _autotune
 from ._geometry import as_canonical, is_channels_last, out_memory_format  # noqa: F401  (is_channels_last: re-exported)
 
 NAMES = ("torch", "triton", "cuda")
@@ -164,6 +174,20 @@ def _cannot_check():
         return False
 
 
+def _agree(got, want, dtype):
+    """(ok, why): got has want's shape, strides and non-finite pattern, and differs from it by at
+    most a few output ulps of dtype (relative to max|want|)."""
+    if got.shape != want.shape or got.stride() != want.stride():
+        return False, f"shape/strides {tuple(got.shape)}/{got.stride()} != {tuple(want.shape)}/{want.stride()}"
+    g, w = got.double(), want.double()
+    finite = torch.isfinite(w)
+    if not torch.equal(torch.isfinite(g), finite) or not torch.equal(torch.isnan(g), torch.isnan(w)):
+        return False, "non-finite values differ from the torch backend"
+    diff = ((g - w).abs()[finite].max() / (w.abs()[finite].max() + 1e-6)).item() if finite.any() else 0.0
+    tol = _CHECK_TOL.get(dtype, 1e-4) * (10 if dtype == torch.float32 and _tf32_allowed() else 1)
+    return diff <= tol, f"max relative difference {diff:.3g} to the torch backend (allowed {tol:.1g})"
+
+
 def _check(name, x, weight, call):
     """Run candidate `name` and the torch backend on this call's inputs; True when they agree."""
     scale, shift, residual, stride, padding, dilation, groups, relu = call
@@ -174,30 +198,48 @@ def _check(name, x, weight, call):
         except Exception as e:  # a launch or capability failure is a verdict too, never a crash mid-model
             return False, f"{type(e).__name__}: {e}"
         want = reference.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
-        if got.shape != want.shape or got.stride() != want.stride():
-            return False, f"shape/strides {tuple(got.shape)}/{got.stride()} != {tuple(want.shape)}/{want.stride()}"
-        g, w = got.double(), want.double()
-        finite = torch.isfinite(w)
-        if not torch.equal(torch.isfinite(g), finite) or not torch.equal(torch.isnan(g), torch.isnan(w)):
-            return False, "non-finite values differ from the torch backend"
-        diff = ((g - w).abs()[finite].max() / (w.abs()[finite].max() + 1e-6)).item() if finite.any() else 0.0
-        tol = _CHECK_TOL.get(x.dtype, 1e-4) * (10 if x.dtype == torch.float32 and _tf32_allowed() else 1)
-        return diff <= tol, f"max relative difference {diff:.3g} to the torch backend (allowed {tol:.1g})"
+        return _agree(got, want, x.dtype)
 
 
-def _verified(name, x, weight, call):
-    key = _signature(name, x, weight, call)
+def _check_train(name, x, weight, call):
+    """Training forward of candidate `name` vs the torch backend on this call's inputs: the output
+    and the batch mean and variance must agree (no running statistics are touched)."""
+    gamma, beta, residual, stride, padding, dilation, groups, eps, relu = call
+    from . import reference
+    with torch.no_grad():
+        try:
+            got = run_train(name, x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu)
+        except Exception as e:
+            return False, f"{type(e).__name__}: {e}"
+        want = reference.conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
+                                       relu)
+        for what, g, w in (("out", got[0], want[0]), ("mean", got[2], want[2]), ("var", got[3], want[3])):
+            ok, why = _agree(g, w, x.dtype)
+            if not ok:
+                return False, f"{what}: {why}"
+        return True, ""
+
+
+def _verified(name, x, weight, call, train=False):
+    if train:
+        gamma, beta, residual, stride, padding, dilation, groups, eps, relu = call
+        key = ("train", gamma is None, beta is None, float(eps)) + _signature(
+            name, x, weight, (None, None, residual, stride, padding, dilation, groups, relu))
+    else:
+        key = _signature(name, x, weight, call)
     verdict = _VERDICTS.get(key)
     if verdict is not None or _cannot_check():
         return bool(verdict)
-    ok, why = _check(name, x, weight, call)
+    ok, why = (_check_train if train else _check)(name, x, weight, call)
     with _VERDICT_LOCK:
         _VERDICTS[key] = ok
     if not ok:
-        warnings.warn(f"resnet_kernels: backend {name!r} disagrees with the torch backend on this call "
-                      f"(x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, stride {tuple(call[3])}, "
-                      f"padding {tuple(call[4])}, dilation {tuple(call[5])}): {why}; auto will not use it for "
-                      "this signature. Please report it (python -m resnet_kernels info).", RuntimeWarning)
+        warnings.warn(f"resnet_kernels: backend {name!r} disagrees with the torch backend on this "
+                      f"{'training ' if train else ''}call (x {tuple(x.shape)} {x.dtype}, weight "
+                      f"{tuple(weight.shape)}, stride {tuple(call[-6 if train else 3])}, padding "
+                      f"{tuple(call[-5 if train else 4])}, dilation {tuple(call[-4 if train else 5])}): {why}; "
+                      "auto will not use it for this signature. Please report it (python -m resnet_kernels info).",
+                      RuntimeWarning)
     return ok
 
 
@@ -212,19 +254,146 @@ def verdicts():
     return dict(_VERDICTS)
 
 
+# --- auto's measured choice ----------------------------------------------------------------------------
+# {choice key: backend name} for this process; a candidate appears here only after it passed _check.
+_CHOICES = {}
+
+
+def choices():
+    """{choice key: backend} that auto settled on in this process (see choice_key)."""
+    return dict(_CHOICES)
+
+
+def choice_key(x, weight, call):
+    """A readable, process-independent string naming the call signature (without the device, which
+    selects the cache file): shapes, strides, alignment, dtype, geometry, epilogue, TF32 flag."""
+    sig = _signature("", x, weight, call)[2:]  # drop name and device
+    dtype, xs, xst, xal, ws, wst, st, pad, dil, groups, relu, res, tf32 = sig
+    j = lambda t: "x".join(map(str, t))  # noqa: E731
+    r = "none" if res is None else f"{j(res[0])}@{res[1]}"
+    return (f"{str(dtype).replace('torch.', '')}|x={j(xs)}/{j(xst)}@{xal}|w={j(ws)}/{j(wst)}|stride={j(st)}"
+            f"|pad={j(pad)}|dil={j(dil)}|groups={groups}|relu={int(relu)}|res={r}|tf32={int(tf32)}")
+
+
+def _autotune_on():
+    return os.environ.get("RESNET_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _measure(names, x, weight, call, min_sample_s=1e-3, rounds=5):
+    """{name: median seconds per call} of each backend on this call's inputs.
+
+    One warm-up call each, then `rounds` interleaved samples; each sample repeats the call enough
+    times to last about min_sample_s (small layers take microseconds on a GPU), timed with
+    CUDA events on CUDA tensors and perf_counter elsewhere. A backend that raises gets inf."""
+    scale, shift, residual, stride, padding, dilation, groups, relu = call
+    on_cuda = x.device.type == "cuda"
+
+    def fn(name):
+        return lambda: run(name, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+    fns, reps, out = {}, {}, {}
+    with torch.no_grad():
+        for name in names:
+            f = fn(name)
+            try:
+                f()
+                if on_cuda:
+                    torch.cuda.synchronize(x.device)
+                t0 = time.perf_counter()
+                f()
+                if on_cuda:
+                    torch.cuda.synchronize(x.device)
+                one = max(time.perf_counter() - t0, 1e-7)
+            except Exception:  # noqa: BLE001 - a failing candidate just loses
+                out[name] = float("inf")
+                continue
+            fns[name], reps[name] = f, max(1, min(1000, int(min_sample_s / one)))
+        samples = {name: [] for name in fns}
+        order = list(fns)
+        for r in range(rounds):
+            for name in order[r % len(order):] + order[:r % len(order)] if order else ():
+                f, k = fns[name], reps[name]
+                try:
+                    if on_cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        for _ in range(k):
+                            f()
+                        end.record()
+                        end.synchronize()
+                        samples[name].append(start.elapsed_time(end) * 1e-3 / k)
+                    else:
+                        t0 = time.perf_counter()
+                        for _ in range(k):
+                            f()
+                        samples[name].append((time.perf_counter() - t0) / k)
+                except Exception:  # noqa: BLE001
+                    samples[name] = [float("inf")]
+                    break
+    for name, ts in samples.items():
+        ts = sorted(ts)
+        out[name] = ts[len(ts) // 2] if ts else float("inf")
+    return out
+
+
+def _choose(key, cands, x, weight, call):
+    """Measured choice among the candidates that pass the check, and torch (eager, not tracing)."""
+    cache = _autotune.cache_for(x.device)
+    disk_key = choice_key(x, weight, call)
+    entry = cache.get(disk_key) if cache is not None else None
+    stored = entry.get("backend") if entry else None
+    if stored == "torch" or (stored in cands and _verified(stored, x, weight, call)):
+        name = stored
+    else:
+        verified = [n for n in cands if _verified(n, x, weight, call)]
+        if not verified:
+            name = "torch"  # every candidate failed its check here: nothing to measure, nothing to store
+        else:
+            times = _measure(verified + ["torch"], x, weight, call)
+            name = min(times, key=lambda n: (times[n], n != "torch"))  # a tie keeps the reference
+            if times[name] == float("inf"):
+                name = "torch"
+            elif cache is not None:
+                cache.put(disk_key, {"backend": name, "when": _autotune.now(),
+                                     "ms": {n: (round(t * 1e3, 6) if t != float("inf") else None)
+                                            for n, t in times.items()}})
+    with _VERDICT_LOCK:
+        _CHOICES[key] = name
+    return name
+
+
+def _auto(x, weight, groups, call):
+    cands = [n for n in _candidates(x) if supports(n, x, weight, groups)[0]]
+    if not cands or call is None:
+        return "torch"  # without the call's inputs no candidate can be checked
+    if not _autotune_on():
+        for name in cands:
+            if _verified(name, x, weight, call):
+                return name
+        return "torch"
+    key = (str(x.device), choice_key(x, weight, call))
+    name = _CHOICES.get(key)
+    if name is not None:
+        return name
+    if _cannot_check():  # tracing or capture: no check, no timing; only what eager already verified
+        for name in cands:
+            if _VERDICTS.get(_signature(name, x, weight, call)) is True:
+                return name
+        return "torch"
+    return _choose(key, cands, x, weight, call)
+
+
 def resolve(backend, x, weight, groups, call=None):
     """The concrete backend that serves this call.
 
     call: (scale, shift, residual, stride, padding, dilation, groups, relu) of the call, which
-    lets `auto` check a GPU candidate on the call's own inputs before taking it.
+    lets `auto` check a GPU candidate on the call's own inputs before taking it (without it,
+    auto takes torch), and time the checked candidates against torch.
     """
     if backend == "auto":
         backend = os.environ.get("RESNET_KERNELS_BACKEND", "auto") or "auto"
         if backend == "auto":
-            for name in _candidates(x):
-                if supports(name, x, weight, groups)[0] and (call is None or _verified(name, x, weight, call)):
-                    return name
-            return "torch"
+            return _auto(x, weight, groups, call)
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
     ok, why = supports(backend, x, weight, groups)
@@ -256,15 +425,20 @@ def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, g
 
 
 # --- training (BN with batch statistics) -----------------------------------------------------------
-def resolve_train(backend, x, weight, groups):
-    """The backend for a training-mode call. auto: torch on CPU; on CUDA the first of triton,
-    torch that supports the call (the training kernels are checked by the test suite and the
-    device check, not per call: a per-call check would double every training step's cost)."""
+def resolve_train(backend, x, weight, groups, call=None):
+    """The backend for a training-mode call. auto: torch on CPU; on CUDA the first of cuda, triton
+    that supports the call and whose forward (output, batch mean and variance) has agreed with the
+    torch backend on this call signature (checked once per process, like inference), else torch.
+
+    call: (gamma, beta, residual, stride, padding, dilation, groups, eps, relu).
+    """
     if backend == "auto":
         backend = os.environ.get("RESNET_KERNELS_BACKEND", "auto") or "auto"
         if backend == "auto":
-            if x.device.type == "cuda" and supports_train("triton", x, weight, groups)[0]:
-                return "triton"
+            for name in _candidates(x):
+                if supports_train(name, x, weight, groups)[0] and (
+                        call is None or _verified(name, x, weight, call, train=True)):
+                    return name
             return "torch"
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
@@ -275,8 +449,7 @@ def resolve_train(backend, x, weight, groups):
 
 
 def supports_train(name, x, weight, groups):
-    if name == "cuda":
-        return False, "backend 'cuda' has no training (batch-statistics) kernels yet; use 'triton' or 'torch'"
+    """Training support: the same rules as inference (the cuda backend: fp16/bf16, groups=1, sm80+)."""
     return supports(name, x, weight, groups)
 
 
@@ -288,8 +461,31 @@ def run_train(backend, x, weight, gamma, beta, residual, stride, padding, dilati
     ok, why = supports_train(backend, x, weight, groups)
     if not ok:
         raise BackendUnavailable(why)
+    if backend == "cuda":
+        return _cuda_conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu)
     return _triton_train_module().conv_bn_train(x, weight, gamma, beta, residual, tuple(stride), tuple(padding),
                                                 tuple(dilation), eps, relu)
+
+
+def _cuda_conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu):
+    """(out, y, mean, var) on the CUDA C++ kernels: the implicit-GEMM conv with the statistics
+    epilogue (csrc/cuda/conv_common.cuh: raw y + per-tile sums), Chan's combine of the tiles, and
+    one out-of-place normalise/residual/ReLU pass (csrc/cuda/epilogue.cu, bn_act_apply_cuda)."""
+    from ._stats import affine_from_stats, chan_combine
+    y, psum, pm2, pcnt = torch.ops.resnet_kernels.conv_bn_stats_cuda(x, weight, list(stride), list(padding),
+                                                                     list(dilation), groups)
+    fmt = out_memory_format(x)
+    y = as_canonical(y, fmt)
+    M = y.numel() // max(y.shape[1], 1)
+    mean, var = chan_combine(psum, pm2, pcnt, M)
+    a, b = affine_from_stats(mean, var, gamma, beta, eps)
+    if residual is not None and residual.dtype != y.dtype:
+        # an fp32 shortcut of fp16/bf16 activations (autocast) is added in fp32, like torchvision
+        from . import reference
+        out = reference.bn_act_apply(y, mean, var, gamma, beta, residual, eps, relu, fmt)
+    else:
+        out = as_canonical(torch.ops.resnet_kernels.bn_act_apply_cuda(y, a, b, residual, relu), fmt)
+    return out, y, mean, var
 
 
 def run_train_backward(backend, grad, out, y, mean, var, gamma, eps, relu):

@@ -69,7 +69,8 @@ def fused_conv_bn_train(x, weight, gamma, beta, residual=None, *, running_mean=N
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, None, None, residual, stride, padding, dilation, groups)  # raises, naming it
-    name = backends.resolve_train(backend, x, weight, groups)
+    name = backends.resolve_train(backend, x, weight, groups,
+                                  call=(gamma, beta, residual, stride, padding, dilation, groups, eps, relu))
     out, y, mean, var = ops.conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
                                           relu, name)
     if update_running_stats and running_mean is not None and running_var is not None:

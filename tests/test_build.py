@@ -132,8 +132,10 @@ def test_vector_path_uses_128_bit_accesses(cuda_so):
 
 
 # --- 1b. the implicit-GEMM convolution kernels (csrc/cuda/conv_bn_act*.cu) -----------------------
-# Mangled pieces of the instantiations: element type, and the kVec template flag (Lb1E = the
-# 16-byte cp.async path, Lb0E = predicated scalar loads for C % 8 != 0, e.g. the 7x7 stem).
+# Mangled pieces of the instantiations: element type, and the trailing bool template flags:
+# sm80 <T, Cfg, kVec, kStats>, sm90 <T, Cfg, kStats>. kVec: Lb1E = the 16-byte cp.async path,
+# Lb0E = predicated scalar loads for C % 8 != 0 (the 7x7 stem). kStats: Lb1E = the training
+# variant (raw y + per-tile channel statistics epilogue), Lb0E = the fused BN/residual/ReLU one.
 _ELEM = {"half": "I6__half", "bfloat16": "I13__nv_bfloat16"}
 _HMMA = {"half": re.compile(r"HMMA\.16816\.F32(?!\.BF16)\b"), "bfloat16": re.compile(r"HMMA\.16816\.F32\.BF16\b")}
 _HGMMA = {"half": re.compile(r"HGMMA\.64x(64|128)x16\.F32(?!\.BF16)\b"),
@@ -161,6 +163,13 @@ def _conv_kernels(table, sm, family):
     return [f for f in table.get(sm, []) if f"conv_bn_act_{family}_kernel" in f]
 
 
+def _flags(fn):
+    """The trailing bool template arguments of a conv kernel's mangled name, e.g. (True, False)."""
+    m = re.search(r"((?:Lb[01]E)+)EEvNS0_6Params", fn)
+    assert m, f"cannot read the template flags of {fn}"
+    return tuple(b == "1" for b in re.findall(r"Lb([01])E", m.group(1)))
+
+
 @pytest.mark.parametrize("dtype", ["half", "bfloat16"])
 def test_mma_sync_kernels_use_tensor_cores(cuda_so, dtype):
     """Every sm_80+ arch carries the mma.sync kernel: HMMA.16816 with fp32 accumulate, fed by
@@ -169,14 +178,17 @@ def test_mma_sync_kernels_use_tensor_cores(cuda_so, dtype):
     table = _symbols_by_arch(tool, so)
     for sm in sms:
         funcs = [f for f in _conv_kernels(table, sm, "sm80") if _ELEM[dtype] in f]
-        assert len(funcs) >= 3, f"{sm}: expected the 128x128, 64x64 and scalar {dtype} mma.sync kernels, got {funcs}"
+        # 128x128 vector, 64x64 vector, 64x64 scalar; each as inference and training (stats) kernel
+        assert sorted(_flags(f) for f in funcs) == sorted(
+            [(True, False), (True, False), (False, False), (True, True), (True, True), (False, True)]), \
+            f"{sm}: expected the 128x128, 64x64 and scalar {dtype} mma.sync kernels, inference and stats, got {funcs}"
         for fn in funcs:
             sass = _sass(tool, so, sm, fn)
             assert _HMMA[dtype].search(sass), f"{sm} {fn}: no {dtype} HMMA.16816.F32 (mma.sync) in its SASS"
             assert "LDSM.16.M88.4" in sass, f"{sm} {fn}: operands are not loaded with ldmatrix.x4 (LDSM)"
             other = "bfloat16" if dtype == "half" else "half"
             assert not _HMMA[other].search(sass), f"{sm} {fn}: {other} HMMA in a {dtype} kernel"
-            if "Lb1E" in fn:
+            if _flags(fn)[0]:
                 assert "LDGSTS.E.BYPASS.128.ZFILL" in sass, f"{sm} {fn}: the vector path lost its 16-byte cp.async"
 
 
@@ -189,7 +201,8 @@ def test_wgmma_kernels_use_hopper_tensor_cores(cuda_so, dtype):
         pytest.skip(f"the extension was built without sm_90a (archs: {sms})")
     table = _symbols_by_arch(tool, so)
     funcs = [f for f in _conv_kernels(table, "sm_90a", "sm90") if _ELEM[dtype] in f]
-    assert len(funcs) == 2, f"expected the 128x128 and 128x64 {dtype} wgmma kernels in sm_90a, got {funcs}"
+    assert sorted(_flags(f) for f in funcs) == [(False,), (False,), (True,), (True,)], \
+        f"expected the 128x128 and 128x64 {dtype} wgmma kernels (inference and stats) in sm_90a, got {funcs}"
     widths = set()
     for fn in funcs:
         sass = _sass(tool, so, "sm_90a", fn)
@@ -201,6 +214,24 @@ def test_wgmma_kernels_use_hopper_tensor_cores(cuda_so, dtype):
     assert widths == {"64", "128"}, f"wgmma tile widths {widths}"
 
 
+def test_stats_kernels_reduce_in_shared_memory(cuda_so):
+    """The training (kStats) conv kernels carry the statistics epilogue: besides the tensor-core
+    main loop, their SASS stores the per-tile partial sums to global memory with plain 32-bit
+    stores and reads the fp32 tile back from shared memory as 128-bit vectors (LDS.128); the
+    inference kernels of the same config have no extra global float stores beyond y."""
+    tool, so, sms = cuda_so
+    table = _symbols_by_arch(tool, so)
+    for sm in sms:
+        for family in ("sm80", "sm90") if sm == "sm_90a" else ("sm80",):
+            stats = [f for f in _conv_kernels(table, sm, family) if _flags(f)[-1]]
+            assert stats, f"{sm}: no {family} statistics (training) kernels"
+            for fn in stats:
+                sass = _sass(tool, so, sm, fn)
+                assert "LDS.128" in sass, f"{sm} {fn}: the statistics pass does not read the tile as float4"
+                assert re.search(r"\bSTG\.E\s", sass), f"{sm} {fn}: no 32-bit global stores of psum/pm2/pcnt"
+                assert "HMMA" in sass or "HGMMA" in sass, f"{sm} {fn}: not on tensor cores"
+
+
 def test_main_conv_kernels_do_not_spill(cuda_so):
     """ptxas' verdict, read back from the binary: the vector mma.sync kernels and the wgmma
     kernels use no stack and no local memory (no spills), and their SASS has no STL/LDL. (The
@@ -208,7 +239,7 @@ def test_main_conv_kernels_do_not_spill(cuda_so):
     tool, so, sms = cuda_so
     for sm in sms:
         usage = _res_usage(tool, so, sm)
-        main = [f for f in usage if "conv_bn_act_sm80_kernel" in f and "Lb1E" in f]
+        main = [f for f in usage if "conv_bn_act_sm80_kernel" in f and _flags(f)[0]]
         if sm == "sm_90a":
             main += [f for f in usage if "conv_bn_act_sm90_kernel" in f]
         assert main, f"{sm}: no conv kernels in -res-usage"

@@ -164,3 +164,41 @@ def test_amp_resnet18_training_step_next_to_torchvision():
     assert d_fused <= max(3 * d_ref, 3e-2 * abs(loss64.item())), (losses, loss64.item())
     for (n, p1), (_, p2) in zip(ref.named_parameters(), fused.named_parameters()):
         assert p2.grad is not None and torch.isfinite(p2.grad).all(), n
+
+
+_CUDA_TRAIN = HAS_CUDA and "cuda" in _train_backends()
+
+
+@pytest.mark.skipif(not _CUDA_TRAIN, reason="the cuda backend cannot run training here (not built with CUDA, "
+                    "or the GPU is older than sm_80)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["m_tail_k_tail", "stem_c3", "large_mean", "one_tile"])
+def test_cuda_statistics_epilogue_vs_float64(dtype, case):
+    """conv_bn_stats_cuda: raw y equals the convolution, and Chan's combine of its per-tile
+    partials gives the float64 batch mean / biased variance, for M and K tails (rows past M and
+    channels past K must not count), the scalar-load C=3 kernel, a channel mean 1e3x its spread
+    (where E[y^2] - E[y]^2 in fp32 would lose every digit) and a single M tile."""
+    from resnet_kernels._stats import chan_combine
+    n, c, k, h, r, s, offset = {"m_tail_k_tail": (3, 64, 72, 13, 3, 1, 0.0), "stem_c3": (2, 3, 64, 30, 7, 2, 0.0),
+                                "large_mean": (4, 32, 64, 16, 1, 1, 1e3), "one_tile": (1, 16, 24, 5, 3, 1, 0.0)}[case]
+    gen = torch.Generator().manual_seed(1)
+    x64 = torch.randn(n, c, h, h, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(k, c, r, r, generator=gen, dtype=torch.float64) / (c * r * r) ** 0.5
+    if offset:
+        x64 = x64 * 1e-3 + 1.0  # every input ~1: the conv output is ~sum(w) per channel, spread ~1e-3
+        w64 = w64.abs() * offset / (c * r * r) ** 0.5
+    x, w = (t.to("cuda", dtype).contiguous(memory_format=torch.channels_last) for t in (x64, w64))
+    y, psum, pm2, pcnt = torch.ops.resnet_kernels.conv_bn_stats_cuda(x, w, [s, s], [r // 2, r // 2], [1, 1], 1)
+    ref_y = F.conv2d(x.double(), w.double(), None, s, r // 2)  # the rounded inputs, exact arithmetic
+    assert_matches(y, ref_y, F.conv2d(x, w, None, s, r // 2), dtype=dtype)
+    M = ref_y.numel() // k
+    assert pcnt.sum().item() == M, (pcnt, M)
+    mean, var = chan_combine(psum, pm2, pcnt, M)
+    # statistics of the y the kernel stored would differ by y's rounding; compare with the fp32
+    # accumulator's exact statistics instead: float64 stats of the exact conv
+    ref_var, ref_mean = torch.var_mean(ref_y, dim=(0, 2, 3), unbiased=False)
+    # fp32 accumulation-order differences only; with a mean 1e3x the spread, fp32 rounding of the
+    # accumulator itself (~1e-4 absolute) is ~1e-3 of the spread: allow 1e-2 of the variance there
+    tol = 1e-2 if offset else 1e-3
+    assert (mean.double().cpu() - ref_mean.cpu()).abs().max() <= tol * ref_mean.abs().max().cpu() + 1e-6
+    assert ((var.double().cpu() - ref_var.cpu()).abs() <= tol * ref_var.cpu() + 1e-6).all(), (var, ref_var)

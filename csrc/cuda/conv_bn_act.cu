@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <optional>
+#include <tuple>
 #include <string>
 
 #include "cuda/conv_launch.h"
@@ -29,7 +30,7 @@ namespace conv {
 
 template <typename T, typename Cfg, bool kVec>
 static void launch_cfg(const Params<T>& p, cudaStream_t stream) {
-  auto kernel = conv_bn_act_sm80_kernel<T, Cfg, kVec>;
+  auto kernel = p.stats ? conv_bn_act_sm80_kernel<T, Cfg, kVec, true> : conv_bn_act_sm80_kernel<T, Cfg, kVec, false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM_BYTES));
   const int64_t mt = (p.M + Cfg::BM - 1) / Cfg::BM, nt = (p.g.K + Cfg::BN - 1) / Cfg::BN;
   TORCH_CHECK(mt < (int64_t{1} << 31) && nt < 65536, "conv_bn_act (cuda): GEMM of ", p.M, " x ", p.g.K,
@@ -55,6 +56,11 @@ void launch_sm80(const Params<T>& p, bool vec, int sms, cudaStream_t stream) {
 
 template void launch_sm80<__half>(const Params<__half>&, bool, int, cudaStream_t);
 template void launch_sm80<__nv_bfloat16>(const Params<__nv_bfloat16>&, bool, int, cudaStream_t);
+
+int plan_tile_m(int cc_major, bool have_sm90a, bool vec, int64_t M, int64_t K, int sms) {
+  if (cc_major == 9 && have_sm90a && vec) return 128;  // Sm90Wide / Sm90Narrow
+  return vec && use_large(M, K, sms) ? Sm80Large::BM : Sm80Small::BM;
+}
 
 const char* plan_name(int cc_major, bool have_sm90a, bool vec, int64_t M, int64_t K, int sms) {
   if (cc_major == 9 && have_sm90a && vec) return K <= 64 ? "sm90_wgmma_128x64" : "sm90_wgmma_128x128";
@@ -182,6 +188,8 @@ Params<T> make_params(const Call& c, bool relu) {
   p.res_mode = kResNone;
   p.res_vec = false;
   p.rs = epilogue::Strides{0, 0, 0, 0};
+  p.stats = false;
+  p.psum = p.pm2 = p.pcnt = nullptr;
   if (c.res.has_value()) {
     const at::Tensor& r = *c.res;
     p.res = reinterpret_cast<const T*>(r.const_data_ptr());
@@ -219,6 +227,43 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return c.y;
 }
 
+// Training forward, conv half: y = conv(x, W) (raw, channels_last) and per-M-tile channel
+// statistics from the fp32 accumulator (no second pass over y): psum[t, k], pm2[t, k] (sum of
+// squared deviations from the tile mean) and pcnt[t], t < cdiv(M, tile rows). The host combines
+// them (Chan et al.; resnet_kernels/_stats.py), then bn_act_apply_cuda normalises in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_stats_cuda(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(weight.dim() == 4, kOp, ": weight must be 4-D [K, C, R, S], got shape ", weight.sizes());
+  const at::Tensor ones = at::ones({weight.size(0)}, x.options().dtype(at::kFloat));
+  Call c = prepare(x, weight, ones, ones, std::nullopt, stride, padding, dilation, groups);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, kOp, ": needs compute capability 8.0 or newer (mma.sync m16n8k16 with bf16), "
+              "this device is ", prop->major, ".", prop->minor);
+  const bool sm90 = prop->major == 9 && built_with_sm90a() && c.vec && !force_sm80();
+  const int64_t M = gemm_m(c.g), K = c.g.K;
+  const int bm = plan_tile_m(prop->major, sm90, c.vec, M, K, prop->multiProcessorCount);
+  const int64_t tiles = (M + bm - 1) / bm;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor psum = at::empty({tiles, K}, f32), pm2 = at::empty({tiles, K}, f32), pcnt = at::empty({tiles}, f32);
+  if (c.y.numel() == 0) return {c.y, psum, pm2, pcnt};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p = make_params<T>(c, false);
+    p.stats = true;
+    p.psum = psum.mutable_data_ptr<float>();
+    p.pm2 = pm2.mutable_data_ptr<float>();
+    p.pcnt = pcnt.mutable_data_ptr<float>();
+    if (sm90) launch_sm90<T>(p, stream);
+    else launch_sm80<T>(p, c.vec, prop->multiProcessorCount, stream);
+  };
+  if (x.scalar_type() == at::kHalf) run(__half{});
+  else run(__nv_bfloat16{});
+  return {c.y, psum, pm2, pcnt};
+}
+
 std::string conv_bn_act_cuda_plan(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -237,10 +282,14 @@ TORCH_LIBRARY_FRAGMENT(resnet_kernels, m) {
   m.def(
       "conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  m.def(
+      "conv_bn_stats_cuda(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv_bn_act_cuda_plan(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> str");
 }
 
 TORCH_LIBRARY_IMPL(resnet_kernels, CUDA, m) {
   m.impl("conv_bn_act_cuda", &resnet_kernels::conv::conv_bn_act_cuda);
+  m.impl("conv_bn_stats_cuda", &resnet_kernels::conv::conv_bn_stats_cuda);
   m.impl("conv_bn_act_cuda_plan", &resnet_kernels::conv::conv_bn_act_cuda_plan);
 }

@@ -30,6 +30,15 @@ struct Params {
   bool res_vec;                  // dense residual readable in 16-byte vectors
   bool y_vec;                    // K % 8 == 0: y rows are 16-byte aligned
   bool relu;
+  // Training (batch statistics). stats: the launchers take the conv_bn_stats_* kernels, which store
+  // the raw accumulator as y (scale/shift/res/relu unused) and, per M tile t = blockIdx.x, the
+  // per-channel sum over the tile's valid rows, psum[t * K + k], the sum of squared deviations from
+  // that tile mean, pm2[t * K + k], and the valid row count pcnt[t] (fp32, plain stores). The
+  // buffers have plan_tile_m(...) -> cdiv(M, BM) rows; the host combines them (Chan et al.).
+  bool stats;
+  float* psum;
+  float* pm2;
+  float* pcnt;
 };
 
 enum ResMode : int { kResNone = 0, kResDense = 1, kResStrided = 2 };
@@ -229,6 +238,124 @@ __device__ __forceinline__ void store_tile(const Params<T>& P, const float* tile
       for (int e = 0; e < 8; ++e)
         if (j + e < K) dst[e] = out.v[e];
     }
+  }
+}
+
+// --- training epilogue: raw store + per-tile channel statistics --------------------------------
+// y = the fp32 accumulator converted to T (no BN / residual / ReLU): the same runs of 8 channels
+// and 16-byte stores as store_tile.
+template <typename T, int BM, int BN, int THREADS>
+__device__ __forceinline__ void store_tile_raw(const Params<T>& P, const float* tile, int64_t m0, int64_t j0,
+                                               int tid) {
+  constexpr int kRuns = BN / 8;
+  const int64_t K = P.g.K;
+  for (int idx = tid; idx < BM * kRuns; idx += THREADS) {
+    const int r = idx / kRuns;
+    const int c = (idx % kRuns) * 8;
+    const int64_t m = m0 + r;
+    const int64_t j = j0 + c;
+    if (m >= P.M || j >= K) continue;
+    const float4 lo = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c);
+    const float4 hi = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c + 4);
+    const float acc[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    union {
+      uint4 u;
+      T v[8];
+    } out;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(acc[e]);
+    T* dst = P.y + m * K + j;
+    if (j + 8 <= K && P.y_vec) {
+      *reinterpret_cast<uint4*>(dst) = out.u;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (j + e < K) dst[e] = out.v[e];
+    }
+  }
+}
+
+// Shared-memory scratch of tile_stats, after the fp32 tile: kStatGroups row groups x BN partial
+// sums, as many partial squared deviations, and BN tile means.
+template <int BN, int THREADS>
+struct StatsLayout {
+  static_assert(BN % 4 == 0 && THREADS % (BN / 4) == 0, "threads must cover the tile's float4 columns evenly");
+  static constexpr int kCols4 = BN / 4;                // float4 columns of the tile
+  static constexpr int kGroups = THREADS / kCols4;     // row groups (one partial per group and column)
+  static constexpr int kBytes = (2 * kGroups * BN + BN) * 4;
+};
+
+// Per-channel statistics of one BM x BN fp32 tile (tile[r * (BN + kPad) + c]), over its valid rows
+// r < min(BM, M - m0) only (rows past M are zero-filled GEMM padding and must not count):
+//   psum[t * K + k] = sum_r v,   pm2[t * K + k] = sum_r (v - sum / cnt)^2,   pcnt[t] = cnt,
+// t = blockIdx.x. Two passes over the tile (sum, then squared deviations from the tile mean:
+// no cancellation however large the mean is), each thread a float4 column and every
+// kGroups-th row, partials combined in a fixed order: the result is deterministic. The caller
+// has __syncthreads()'d after the tile was written; columns past K are computed, not stored.
+template <typename T, int BM, int BN, int THREADS>
+__device__ __forceinline__ void tile_stats(const Params<T>& P, const float* tile, float* scratch, int64_t m0,
+                                           int64_t j0, int tid) {
+  using L = StatsLayout<BN, THREADS>;
+  constexpr int G = L::kGroups;
+  float* part_s = scratch;               // [G][BN]
+  float* part_q = scratch + G * BN;      // [G][BN]
+  float* tmean = scratch + 2 * G * BN;   // [BN]
+  const int c4 = tid % L::kCols4, g = tid / L::kCols4;
+  const int64_t rem = P.M - m0;
+  const int cnt = rem < BM ? static_cast<int>(rem) : BM;  // >= 1: the tile starts inside the GEMM
+  const float* col = tile + c4 * 4;
+
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int r = g; r < cnt; r += G) {
+    const float4 v = *reinterpret_cast<const float4*>(col + r * (BN + kPad));
+    s.x += v.x;
+    s.y += v.y;
+    s.z += v.z;
+    s.w += v.w;
+  }
+  *reinterpret_cast<float4*>(part_s + g * BN + c4 * 4) = s;
+  __syncthreads();
+  float total = 0.f;  // kept by the threads tid < BN (column tid) for the final store
+  if (tid < BN) {
+#pragma unroll
+    for (int i = 0; i < G; ++i) total += part_s[i * BN + tid];
+    tmean[tid] = total / static_cast<float>(cnt);
+  }
+  __syncthreads();
+  const float4 mu = *reinterpret_cast<const float4*>(tmean + c4 * 4);
+  float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int r = g; r < cnt; r += G) {
+    const float4 v = *reinterpret_cast<const float4*>(col + r * (BN + kPad));
+    const float dx = v.x - mu.x, dy = v.y - mu.y, dz = v.z - mu.z, dw = v.w - mu.w;
+    q.x = fmaf(dx, dx, q.x);
+    q.y = fmaf(dy, dy, q.y);
+    q.z = fmaf(dz, dz, q.z);
+    q.w = fmaf(dw, dw, q.w);
+  }
+  *reinterpret_cast<float4*>(part_q + g * BN + c4 * 4) = q;
+  __syncthreads();
+  const int64_t K = P.g.K;
+  if (tid < BN && j0 + tid < K) {
+    float m2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < G; ++i) m2 += part_q[i * BN + tid];
+    const int64_t o = static_cast<int64_t>(blockIdx.x) * K + j0 + tid;
+    P.psum[o] = total;
+    P.pm2[o] = m2;
+  }
+  if (tid == 0 && blockIdx.y == 0) P.pcnt[blockIdx.x] = static_cast<float>(cnt);
+}
+
+// The whole epilogue after the fp32 tile is staged (and __syncthreads()'d): BN/residual/ReLU for
+// inference, raw store + tile statistics for training (kStats: a separate kernel, so the
+// inference kernels carry none of it).
+template <typename T, int BM, int BN, int THREADS, bool kStats>
+__device__ __forceinline__ void epilogue_tile(const Params<T>& P, float* tile, int64_t m0, int64_t j0, int tid) {
+  if constexpr (kStats) {
+    store_tile_raw<T, BM, BN, THREADS>(P, tile, m0, j0, tid);
+    tile_stats<T, BM, BN, THREADS>(P, tile, tile + BM * (BN + kPad), m0, j0, tid);
+  } else {
+    store_tile<T, BM, BN, THREADS>(P, tile, m0, j0, tid);
   }
 }
 

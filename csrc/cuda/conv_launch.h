@@ -17,6 +17,10 @@ void launch_sm80(const Params<T>& p, bool vec, int sms, cudaStream_t stream);
 template <typename T>
 void launch_sm90(const Params<T>& p, cudaStream_t stream);
 
+// Rows of the GEMM M tile the chosen kernel uses (the training kernels write one row of
+// statistics per M tile: the host sizes psum/pm2/pcnt with it).
+int plan_tile_m(int cc_major, bool have_sm90a, bool vec, int64_t M, int64_t K, int sms);
+
 // Which kernel and tile a call takes (reported by conv_bn_act_cuda_plan for tests/benchmarks).
 const char* plan_name(int cc_major, bool have_sm90a, bool vec, int64_t M, int64_t K, int sms);
 

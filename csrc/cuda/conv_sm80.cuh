@@ -48,11 +48,13 @@ struct Sm80Config {
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr int EPI_BYTES = BM * (BN + kPad) * 4;
+  // fp32 tile + the statistics scratch of the training kernels (kStats)
+  static constexpr int EPI_BYTES = BM * (BN + kPad) * 4 + StatsLayout<BN, THREADS>::kBytes;
   static constexpr int SMEM_BYTES = (PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES) + kSmemAlign;
 };
 
-template <typename T, typename Cfg, bool kVec>
+// kStats: the training variant (raw y + per-tile channel statistics, see epilogue_tile).
+template <typename T, typename Cfg, bool kVec, bool kStats = false>
 __global__ void __launch_bounds__(Cfg::THREADS) conv_bn_act_sm80_kernel(const Params<T> P) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BM = Cfg::BM, BN = Cfg::BN, STAGES = Cfg::STAGES, MI = Cfg::MI, NI = Cfg::NI;
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_bn_act_sm80_kernel(const Pa
         *reinterpret_cast<float2*>(tile + row * (BN + kPad) + col) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
       }
   __syncthreads();
-  store_tile<T, BM, BN, Cfg::THREADS>(P, tile, m0, j0, tid);
+  epilogue_tile<T, BM, BN, Cfg::THREADS, kStats>(P, tile, m0, j0, tid);
 #endif
 }
 

@@ -119,12 +119,14 @@ struct Sm90Config {
   static constexpr int A_BYTES = BM * kRowBytes, B_BYTES = BN * kRowBytes;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiples of 1024: every tile stays aligned
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr int EPI_BYTES = BM * (BN + kPad) * 4;
+  // fp32 tile + the statistics scratch of the training kernels (kStats)
+  static constexpr int EPI_BYTES = BM * (BN + kPad) * 4 + StatsLayout<BN, THREADS>::kBytes;
   static constexpr int SMEM_BYTES = (PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES) + kSmemAlign;
   static_assert(A_BYTES % kSmemAlign == 0 && B_BYTES % kSmemAlign == 0, "tiles must keep 1024-byte alignment");
 };
 
-template <typename T, typename Cfg>
+// kStats: the training variant (raw y + per-tile channel statistics, see epilogue_tile).
+template <typename T, typename Cfg, bool kStats = false>
 __global__ void __launch_bounds__(Cfg::THREADS) conv_bn_act_sm90_kernel(const Params<T> P) {
 #ifdef RK_SM90A_DEVICE
   constexpr int BM = Cfg::BM, BN = Cfg::BN, STAGES = Cfg::STAGES;
@@ -192,7 +194,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) conv_bn_act_sm90_kernel(const Pa
       *reinterpret_cast<float2*>(tile + row * (BN + kPad) + col) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     }
   __syncthreads();
-  store_tile<T, BM, BN, Cfg::THREADS>(P, tile, m0, j0, tid);
+  epilogue_tile<T, BM, BN, Cfg::THREADS, kStats>(P, tile, m0, j0, tid);
 #endif
 }
 

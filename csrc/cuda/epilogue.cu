@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -56,7 +57,8 @@ __device__ __forceinline__ void load_f32(const float* __restrict__ p, float (&ou
 // y and res are not __restrict__: a residual that is y itself (same strides) is allowed.
 template <typename T, int VEC, Res R>
 __global__ void __launch_bounds__(kThreads) bn_act_epilogue_nhwc_kernel(
-    T* y,                               // [N, P, Q, K] dense channels_last, updated in place
+    const T* src,                       // [N, P, Q, K] dense channels_last input (may be y itself)
+    T* y,                               // [N, P, Q, K] dense channels_last output
     const float* __restrict__ scale,    // [K] fp32, 16-byte aligned
     const float* __restrict__ shift,    // [K] fp32, 16-byte aligned
     const T* res,                       // residual [N, K, P, Q] at strides rs, or nullptr
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) bn_act_epilogue_nhwc_kernel(
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += step) {
     const int64_t i = v * VEC;
-    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(y + i);
+    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(src + i);
     float r[VEC];
     int64_t k0;
     if constexpr (R == Res::kStrided) {
@@ -99,7 +101,8 @@ __global__ void __launch_bounds__(kThreads) bn_act_epilogue_nhwc_kernel(
 
 template <typename T, int VEC, Res R>
 __global__ void __launch_bounds__(kThreads) bn_act_epilogue_nchw_kernel(
-    T* y,                               // [N, K, P, Q] dense NCHW, updated in place
+    const T* src,                       // [N, K, P, Q] dense NCHW input (may be y itself)
+    T* y,                               // [N, K, P, Q] dense NCHW output
     const float* __restrict__ scale,    // [K] fp32
     const float* __restrict__ shift,    // [K] fp32
     const T* res,                       // residual [N, K, P, Q] at strides rs, or nullptr
@@ -111,9 +114,10 @@ __global__ void __launch_bounds__(kThreads) bn_act_epilogue_nchw_kernel(
     plane_coord(plane, K, n, k);
     const float sc = scale[k], sh = shift[k];
     T* yp = y + plane * PQ;
+    const T* sp = src + plane * PQ;
     const T* rp = R == Res::kDense ? res + plane * PQ : R == Res::kStrided ? res + n * rs.n + k * rs.k : nullptr;
     for (int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; j < PQ; j += step) {
-      const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(yp + j);  // VEC divides PQ
+      const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(sp + j);  // VEC divides PQ
       float r[VEC];
       if constexpr (R == Res::kDense) {
         const Pack<T, VEC> rv = *reinterpret_cast<const Pack<T, VEC>*>(rp + j);
@@ -150,7 +154,7 @@ struct Launch {
 };
 
 template <typename T, int VEC, Res R>
-void launch(const Launch& L, T* y, const float* scale, const float* shift, const T* res) {
+void launch(const Launch& L, const T* src, T* y, const float* scale, const float* shift, const T* res) {
   if (L.nhwc) {
     const int64_t total = L.N * L.K * L.P * L.Q;
     const int64_t nvec = total / VEC;
@@ -158,7 +162,7 @@ void launch(const Launch& L, T* y, const float* scale, const float* shift, const
     const int64_t max_blocks = static_cast<int64_t>(L.sms) * (2048 / kThreads) * 4;
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((nvec + kThreads - 1) / kThreads, max_blocks));
     bn_act_epilogue_nhwc_kernel<T, VEC, R><<<static_cast<unsigned>(blocks), kThreads, 0, L.stream>>>(
-        y, scale, shift, res, L.rs, total, L.K, L.P, L.Q, L.relu);
+        src, y, scale, shift, res, L.rs, total, L.K, L.P, L.Q, L.relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const int64_t planes = L.N * L.K, PQ = L.P * L.Q;
@@ -169,17 +173,18 @@ void launch(const Launch& L, T* y, const float* scale, const float* shift, const
     const int64_t gy = std::min<int64_t>(planes, 65535);
     const dim3 grid(static_cast<unsigned>(std::max<int64_t>(gx, 1)), static_cast<unsigned>(gy));
     bn_act_epilogue_nchw_kernel<T, VEC, R><<<grid, threads, 0, L.stream>>>(
-        y, scale, shift, res, L.rs, planes, L.K, PQ, L.Q, L.relu);
+        src, y, scale, shift, res, L.rs, planes, L.K, PQ, L.Q, L.relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T, int VEC>
-void launch_res(const Launch& L, Res mode, T* y, const float* scale, const float* shift, const T* res) {
+void launch_res(const Launch& L, Res mode, const T* src, T* y, const float* scale, const float* shift,
+                const T* res) {
   switch (mode) {
-    case Res::kNone: return launch<T, VEC, Res::kNone>(L, y, scale, shift, res);
-    case Res::kDense: return launch<T, VEC, Res::kDense>(L, y, scale, shift, res);
-    case Res::kStrided: return launch<T, VEC, Res::kStrided>(L, y, scale, shift, res);
+    case Res::kNone: return launch<T, VEC, Res::kNone>(L, src, y, scale, shift, res);
+    case Res::kDense: return launch<T, VEC, Res::kDense>(L, src, y, scale, shift, res);
+    case Res::kStrided: return launch<T, VEC, Res::kStrided>(L, src, y, scale, shift, res);
   }
 }
 
@@ -201,8 +206,11 @@ at::Tensor aligned_f32(const at::Tensor& t) {
   return c;
 }
 
-void bn_act_epilogue_cuda(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                          const std::optional<at::Tensor>& residual, bool relu) {
+// out = relu?(src * scale + shift + residual); out is src itself (in place) or a fresh tensor shaped
+// and laid out like src.
+void apply(const at::Tensor& src, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& shift,
+           const std::optional<at::Tensor>& residual, bool relu) {
+  const at::Tensor& y = src;
   TORCH_CHECK(y.dim() == 4, "bn_act_epilogue_: y must be a 4-D tensor [N, K, P, Q], got ", y.dim(), "-D of shape ",
               y.sizes());
   TORCH_CHECK(y.is_cuda(), "bn_act_epilogue_: y must be a CUDA tensor, got one on ", y.device());
@@ -253,7 +261,7 @@ void bn_act_epilogue_cuda(const at::Tensor& y, const at::Tensor& scale, const at
     mode = res->is_contiguous(fmt) ? Res::kDense : Res::kStrided;
     L.rs = Strides{res->stride(0), res->stride(1), res->stride(2), res->stride(3)};
   }
-  uint64_t addr_bits = reinterpret_cast<uintptr_t>(y.data_ptr());
+  uint64_t addr_bits = reinterpret_cast<uintptr_t>(y.data_ptr()) | reinterpret_cast<uintptr_t>(out.data_ptr());
   if (mode == Res::kDense) addr_bits |= reinterpret_cast<uintptr_t>(res->data_ptr());
   const int64_t inner = L.nhwc ? L.K : L.P * L.Q;
   const int vec = vector_width(inner, static_cast<int>(y.element_size()), addr_bits);
@@ -261,14 +269,15 @@ void bn_act_epilogue_cuda(const at::Tensor& y, const at::Tensor& scale, const at
   auto run = [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
-    T* yp = y.mutable_data_ptr<T>();
+    const T* sp = y.const_data_ptr<T>();
+    T* yp = out.mutable_data_ptr<T>();
     const T* rp = res != nullptr ? res->const_data_ptr<T>() : nullptr;
     const float* scp = sc.const_data_ptr<float>();
     const float* shp = sh.const_data_ptr<float>();
     if (vec == kVec) {
-      launch_res<T, kVec>(L, mode, yp, scp, shp, rp);
+      launch_res<T, kVec>(L, mode, sp, yp, scp, shp, rp);
     } else {
-      launch_res<T, 1>(L, mode, yp, scp, shp, rp);
+      launch_res<T, 1>(L, mode, sp, yp, scp, shp, rp);
     }
   };
   AT_DISPATCH_SWITCH(dtype, "bn_act_epilogue_",
@@ -277,10 +286,33 @@ void bn_act_epilogue_cuda(const at::Tensor& y, const at::Tensor& scale, const at
                      AT_DISPATCH_CASE(at::kBFloat16, [&] { run(scalar_t{}); }));
 }
 
+void bn_act_epilogue_cuda(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                          const std::optional<at::Tensor>& residual, bool relu) {
+  apply(y, y, scale, shift, residual, relu);
+}
+
+// Out of place (the training forward keeps the conv output y for the backward pass): one read of
+// y (+ residual), one write of out, in y's memory format.
+at::Tensor bn_act_apply_cuda(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  TORCH_CHECK(y.dim() == 4, "bn_act_apply_cuda: y must be a 4-D tensor [N, K, P, Q], got shape ", y.sizes());
+  const auto fmt = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous()
+                       ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty(y.sizes(), y.options().memory_format(fmt));
+  apply(y, out, scale, shift, residual, relu);
+  return out;
+}
+
 }  // namespace
 }  // namespace epilogue
 }  // namespace resnet_kernels
 
+TORCH_LIBRARY_FRAGMENT(resnet_kernels, m) {
+  m.def("bn_act_apply_cuda(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(resnet_kernels, CUDA, m) {
   m.impl("bn_act_epilogue_", &resnet_kernels::epilogue::bn_act_epilogue_cuda);
+  m.impl("bn_act_apply_cuda", &resnet_kernels::epilogue::bn_act_apply_cuda);
 }

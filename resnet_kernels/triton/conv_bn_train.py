@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._geometry import out_memory_format
+from .._stats import affine_from_stats, chan_combine
 from . import conv_bn_act as _conv
 
 _EW_BLOCK_M = 64  # pixels per program of the elementwise / reduction kernels
@@ -198,13 +199,8 @@ def conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, e
     _conv.conv_bn_act(x, weight, dummy, dummy, None, stride, padding, dilation, False, config=config, out=y,
                       stats=(psum, pm2, pcnt))
     # Chan's combine over tiles (tiles a config did not use have count 0 and contribute nothing).
-    cnt = pcnt[:, None]
-    mean = psum.sum(0) / M
-    tmean = torch.where(cnt > 0, psum / cnt.clamp_min(1.0), mean)
-    var = (pm2.sum(0) + (cnt * (tmean - mean).square()).sum(0)) / M
-    invstd = torch.rsqrt(var + eps)
-    a = invstd if gamma is None else invstd * gamma.float()
-    b = -mean * a if beta is None else beta.float() - mean * a
+    mean, var = chan_combine(psum, pm2, pcnt, M)
+    a, b = affine_from_stats(mean, var, gamma, beta, eps)
     out = torch.empty_like(y)
     res = residual if residual is not None else y
     _bn_apply_kernel[_grid(M, K)](
