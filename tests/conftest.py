@@ -11,6 +11,14 @@ if os.environ.get("RESNET_KERNELS_TEST_GPU_TRITON") != "1":
     if not _has_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# auto's measured choices go to a throw-away folder, never the user's ~/.cache/resnet_kernels.
+if "RESNET_KERNELS_CACHE_DIR" not in os.environ:
+    import atexit as _atexit
+    import shutil as _shutil
+    import tempfile as _tempfile
+
+    os.environ["RESNET_KERNELS_CACHE_DIR"] = _tempfile.mkdtemp(prefix="resnet_kernels_test_cache_")
+    _atexit.register(_shutil.rmtree, os.environ["RESNET_KERNELS_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
