@@ -114,6 +114,81 @@ def percentile(values, q):
     return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
+def last_level_cache_bytes(default=32 << 20):
+    """Size of this CPU's largest cache (Linux sysfs), or `default` when it cannot be read."""
+    best = 0
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            text = (idx / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best or default
+
+
+def time_rotating(fns, inputs, *, warmup_rounds=2, min_rounds=10, max_rounds=200, min_seconds=0.5,
+                  sync=None, on_round=None):
+    """Interleaved CPU-side timing of several providers that take the same inputs.
+
+    fns: {provider: fn(*args)}; inputs: a list of argument tuples. Every call takes the next tuple
+    of the list, so with enough tuples (together larger than the last-level cache) no call finds its
+    inputs in cache from its own previous call, as in a network, where the other layers run in
+    between. Each round calls every provider once, in an order rotated from round to round, so
+    slow drifts of a shared machine hit all providers alike. Rounds continue until at least
+    min_rounds timed rounds and min_seconds of timed calls, or max_rounds. The garbage collector
+    is paused. sync: called before and after each timed call (torch.cuda.synchronize on CUDA).
+
+    Returns ({provider: [seconds per call]}, {provider: CPU share}): the CPU share is the process's
+    CPU time during that provider's calls / (wall time x torch threads), near 1 on an idle machine.
+    """
+    import gc
+    import time
+
+    import torch
+
+    names = list(fns)
+    samples = {n: [] for n in names}
+    cpu = {n: 0.0 for n in names}
+    nxt = {n: 0 for n in names}
+    threads = max(torch.get_num_threads(), 1)
+    sync = sync or (lambda: None)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        r = 0
+        spent = 0.0
+        while True:
+            timed = r >= warmup_rounds
+            if timed and (r - warmup_rounds >= max_rounds or
+                          (r - warmup_rounds >= min_rounds and spent >= min_seconds)):
+                break
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                args = inputs[nxt[name] % len(inputs)]
+                nxt[name] += 1
+                sync()
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[name](*args)
+                sync()
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                if timed:
+                    samples[name].append(dt)
+                    cpu[name] += dc
+                    spent += dt
+            r += 1
+            if on_round is not None:
+                on_round(r)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return samples, {n: cpu[n] / (sum(samples[n]) * threads) if samples[n] else None for n in names}
+
+
 # --------------------------------------------------------------------------------------- environment
 def cpu_name():
     try:

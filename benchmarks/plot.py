@@ -1,11 +1,21 @@
-"""Render bench_models.csv as a bar chart: speedup vs eager NCHW per model and provider.
+"""Render the benchmark CSVs as PNG charts.
 
     python benchmarks/plot.py benchmarks/results/cpu/bench_models.csv [--out chart.png]
+    python benchmarks/plot.py benchmarks/results/cpu/bench_blocks.csv [--out DIR]
 
 Reads the CSV only (no torch, no resnet_kernels), so results copied from another machine can be
-plotted anywhere. Each bar is median(eager_nchw) / median(provider); the whiskers span
-median(eager_nchw) / p80 .. median(eager_nchw) / p20 of that provider, and the label above a bar
-is the provider's median time per batch in ms.
+plotted anywhere; the kind of CSV is told by its columns.
+
+bench_models.csv: one chart, speedup vs eager NCHW per model and provider. Each bar is
+median(eager_nchw) / median(provider); the whiskers span median(eager_nchw) / p80 ..
+median(eager_nchw) / p20 of that provider, and the label above a bar is the provider's median
+time per batch in ms.
+
+bench_blocks.csv: per dtype, two charts with one panel per batch x memory format:
+bench_blocks_speedup_<dtype>.png (per shape, each provider's median speedup vs eager in the same
+memory format, whiskers from eager's median over the provider's p80..p20; log scale) and
+bench_blocks_roofline_<dtype>.png (per shape, each provider's % of the roofline floor measured in
+the same run; 100% = at the roofline).
 """
 from __future__ import annotations
 
@@ -100,12 +110,146 @@ def plot_csv(csv_path, png_path=None):
     return png_path
 
 
+# --------------------------------------------------------------------------------------- bench_blocks.csv
+BLOCK_PROVIDER_ORDER = ("eager", "conv_alone", "compile", "compile_max_autotune", "torch", "triton", "cuda", "auto")
+BLOCK_COLORS = {"eager": "#9e9e9e", "conv_alone": "#d0d0d0", "compile": "#e0a030", "compile_max_autotune": "#b5651d",
+                "torch": "#5c8fbf", "triton": "#8e6bbf", "cuda": "#c0504d", "auto": "#2e9e5b"}
+
+
+def is_blocks_csv(rows):
+    return bool(rows) and {"op", "shape", "provider", "memory_format", "pct_roofline"} <= set(rows[0])
+
+
+def _block_groups(rows):
+    """{dtype: {(batch, memory_format): [ok rows]}} in the CSV's order."""
+    out = {}
+    for r in rows:
+        if r.get("status") != "ok" or _float(r.get("median_ms")) is None:
+            continue
+        out.setdefault(r["dtype"], {}).setdefault((r["batch"], r["memory_format"]), []).append(r)
+    return out
+
+
+def _block_panels(rows, png_path, metric, ylabel, title, providers_filter, log=False, ref_line=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(rows.items())
+    shapes = list(dict.fromkeys(r["shape"] for _, rs in groups for r in rs))
+    present = {r["provider"] for _, rs in groups for r in rs}
+    providers = [p for p in BLOCK_PROVIDER_ORDER if p in present and providers_filter(p)] + \
+        sorted(p for p in present - set(BLOCK_PROVIDER_ORDER) if providers_filter(p))
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    width = 0.8 / max(len(providers), 1)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8.0, 1.0 + 0.55 * len(shapes) * max(len(providers), 2) / 3),
+                                                      3.6 * len(groups) + 1.2), squeeze=False)
+    for ax, ((batch, fmt), rs) in zip(axes[:, 0], groups):
+        by = {(r["shape"], r["provider"]): r for r in rs}
+        lows, tops = [], []
+        for i, prov in enumerate(providers):
+            xs, hs, lo, hi = [], [], [], []
+            for j, s in enumerate(shapes):
+                r = by.get((s, prov))
+                v = metric(r, by.get((s, "eager"))) if r else None
+                if v is None:
+                    continue
+                xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                hs.append(v[0])
+                lo.append(max(v[0] - v[1], 0.0))
+                hi.append(max(v[2] - v[0], 0.0))
+            if xs:
+                ax.bar(xs, hs, width * 0.92, yerr=[lo, hi], capsize=2, label=prov, color=BLOCK_COLORS.get(prov),
+                       edgecolor="black", linewidth=0.4, error_kw={"linewidth": 0.6})
+                lows += [h - d for h, d in zip(hs, lo)]
+                tops += [h + d for h, d in zip(hs, hi)]
+        if ref_line is not None:
+            ax.axhline(ref_line, color="black", linewidth=0.8, linestyle="--")
+        if log:
+            ax.set_yscale("log", base=2)
+            bottom = min([ref_line or 1.0] + [v for v in lows if v > 0])
+            ax.set_ylim(bottom / 1.4, max([ref_line or 1.0] + tops) * 2.2)  # headroom for the legend
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif tops:
+            ax.set_ylim(0, max(tops) * 1.3)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes, rotation=35, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(shapes) - 0.4)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(f"batch {batch}, {fmt}", fontsize=9)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.6)
+        ax.legend(fontsize=7, ncol=min(len(providers), 8), loc="upper left")
+    first = next(r for _, rs in groups for r in rs)
+    fig.suptitle(f"{title}: {first.get('device_name', '?')} ({first.get('device', '?')}), "
+                 f"{first.get('threads', '?')} threads, {first.get('dtype', '?')}\n"
+                 f"torch {first.get('torch_version', '?')}, triton {first.get('triton_version', '?')}, "
+                 f"resnet_kernels {first.get('resnet_kernels_version', '?')}, commit {first.get('git_commit', '?')}, "
+                 f"{first.get('timestamp', '')}", fontsize=8)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def _speedup(r, eager):
+    """(median speedup, low, high) vs eager's median in the same panel."""
+    sp, e = _float(r.get("speedup_vs_eager")), _float(eager.get("median_ms")) if eager else None
+    p20, p80 = _float(r.get("p20_ms")), _float(r.get("p80_ms"))
+    if sp is None:
+        return None
+    if e and p20 and p80:
+        return sp, e / p80, e / p20
+    return sp, sp, sp
+
+
+def _roofline(r, eager):
+    pct = _float(r.get("pct_roofline"))
+    if pct is None:
+        return None
+    med, p20, p80 = (_float(r.get(k)) for k in ("median_ms", "p20_ms", "p80_ms"))
+    if med and p20 and p80:
+        return pct, pct * med / p80, pct * med / p20
+    return pct, pct, pct
+
+
+def plot_blocks_csv(csv_path, out_dir=None):
+    """Write the bench_blocks charts for csv_path into out_dir (default: the CSV's folder); return the paths."""
+    csv_path = Path(csv_path)
+    out_dir = Path(out_dir) if out_dir else csv_path.parent
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not is_blocks_csv(rows):
+        raise SystemExit(f"{csv_path}: not a bench_blocks CSV (needs op, shape, provider, memory_format, pct_roofline)")
+    written = []
+    for dtype, groups in _block_groups(rows).items():
+        written.append(_block_panels(groups, out_dir / f"bench_blocks_speedup_{dtype}.png", _speedup,
+                                     "speedup vs eager (median)", "conv_bn_act speedup vs eager",
+                                     lambda p: p not in ("eager", "conv_alone"), log=True, ref_line=1.0))
+        written.append(_block_panels(groups, out_dir / f"bench_blocks_roofline_{dtype}.png", _roofline,
+                                     "% of roofline floor", "conv_bn_act % of the roofline (measured ceilings)",
+                                     lambda p: True))
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("csv", type=Path, help="bench_models.csv written by benchmarks/bench_models.py")
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: the CSV's path with .png)")
+    p.add_argument("csv", type=Path, help="bench_models.csv (benchmarks/bench_models.py) or bench_blocks.csv "
+                                          "(benchmarks/bench_blocks.py)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="bench_models: PNG path (default: the CSV's path with .png); bench_blocks: output folder "
+                        "(default: the CSV's folder)")
     args = p.parse_args(argv)
-    print(plot_csv(args.csv, args.out))
+    with open(args.csv, newline="") as f:
+        header = next(csv.reader(f), [])
+    if {"op", "shape", "memory_format", "pct_roofline"} <= set(header):
+        for path in plot_blocks_csv(args.csv, args.out):
+            print(path)
+    else:
+        print(plot_csv(args.csv, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,569 @@
+"""Per-shape benchmark of the fused conv_bn_act op: every ResNet-18/34/50/101 shape, every provider.
+
+    python benchmarks/bench_blocks.py --quick                       # a few minutes on 2 CPU cores
+    python benchmarks/bench_blocks.py                               # every shape, batch 1 and 8 (CPU)
+    python benchmarks/bench_blocks.py --device cuda --dtype float16,bfloat16 --batch 1,32,256
+
+Shapes (benchmarks/shapes.py): the 34 distinct conv -> BN (-> + shortcut) (-> ReLU) geometries of
+torchvision ResNet-18/34/50/101 at 224x224, derived from the models themselves: the stem, every
+block conv (BasicBlock 3x3s, Bottleneck 1x1/3x3/1x1, the last one with the residual), every
+downsample; --quick keeps 8 of them (benchmarks/shapes.py QUICK). Each row is one shape x provider
+x dtype x batch x memory format (NCHW or channels_last: input, weights and residual in that format).
+
+Providers, side by side in one process on the same tensors:
+  eager                 nn.Conv2d -> nn.BatchNorm2d (eval) (-> += residual) -> ReLU_, op by op as
+                        torchvision runs a block (cuDNN / oneDNN convolution); the baseline
+  conv_alone            F.conv2d only: what the convolution alone costs (not a full op; a floor for
+                        any epilogue fusion, shown for reference)
+  compile               torch.compile(eager module) (default mode); first call reported as first_call_s
+  compile_max_autotune  torch.compile(mode="max-autotune-no-cudagraphs"), GPU only (CUDA graphs off
+                        so every provider is timed the same way)
+  torch, triton, cuda   resnet_kernels.FusedConvBNAct(conv, bn, relu, backend=...), the module that
+                        convert() puts in a model; a backend that cannot serve the call gets a row
+                        with status "unavailable: <reason>"
+  auto                  the same module with backend="auto" (on GPU: the measured, checked choice of
+                        backends.py, cached on disk; the backend it took is in `backend`)
+torch.compile costs seconds per shape (tens on this CPU), so by default it is compiled only for
+the first 3 shapes of the run (--compile all / none to change that).
+
+Timing. GPU: triton.testing.do_bench (CUDA events; L2 cache flushed before every call), median
+and p20/p80. CPU: after warm-up rounds, interleaved rounds (each round calls every provider once,
+in an order rotated every round; common.time_rotating), every call on the next of a pool of input
+sets (x and residual) that together exceed twice the last-level cache, so no call finds its
+inputs in cache from the previous one, as inside a network; the garbage collector is paused;
+median and p20/p80 of the per-call times, and `speedup_paired`: the median over rounds of
+eager's time / the provider's time in the same round (robust to load that comes and goes on a
+shared machine). `cpu_share` = process CPU time / (wall x threads) during a provider's calls
+(well below 1: other processes took the cores).
+
+Roofline. flop = 2 x multiply-adds of the convolution + the epilogue (scale, shift, residual,
+ReLU per output element); min_bytes = x + weight + y (+ residual) in the dtype + fp32 scale and
+shift, each touched once. Ceilings are measured at the start of the run on the same device and
+dtype: a large matmul (TFLOP/s) and a large copy (GB/s, read + write). floor = max(flop / peak,
+bytes / bandwidth); pct_roofline = 100 x floor / median (100% = at the roofline; `bound` says
+which roof is the floor).
+
+Correctness: every provider's first output is compared with eager's (max|y - eager| / max|eager|;
+agrees = within 1e-4 fp32, 5e-3 fp16, 3e-2 bf16); a disagreeing row is flagged in the summary.
+
+Output: DIR/bench_blocks.csv (long format, one row per shape x provider x dtype x batch x memory
+format, with device name, threads, torch / CUDA / cuDNN / triton versions, git commit (or
+RK_GIT_COMMIT), timestamp), rewritten after every configuration so a run cut short keeps what it
+measured; DIR/bench_blocks.md (the markdown summary also printed at the end); PNG plots via
+benchmarks/plot.py (from the CSV alone). DIR defaults to benchmarks/results/<cpu|cuda>/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Never time the Triton interpreter (a correctness tool): must go before resnet_kernels is imported.
+    del os.environ["TRITON_INTERPRET"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:  # `python benchmarks/bench_blocks.py` from anywhere
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_cuda_quick import EagerConvBN  # noqa: E402  (conv -> bn -> (+res) -> relu_, op by op)
+from benchmarks.bench_cuda_quick import bench as gpu_bench  # noqa: E402  (do_bench: median, p20, p80 in ms)
+from benchmarks.shapes import quick_shapes, resnet_shapes  # noqa: E402
+
+PROVIDERS = ("eager", "conv_alone", "compile", "compile_max_autotune", "torch", "triton", "cuda", "auto")
+BACKENDS = ("torch", "triton", "cuda", "auto")
+BASELINE = "eager"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+AGREE_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+CSV_COLUMNS = (
+    "op", "shape", "role", "models", "provider", "backend", "status", "dtype", "batch", "memory_format",
+    "N", "C", "H", "W", "K", "R", "S", "P", "Q", "stride", "padding", "relu", "residual",
+    "median_ms", "p20_ms", "p80_ms", "samples", "first_call_s", "speedup_vs_eager", "speedup_paired", "cpu_share",
+    "gflop", "min_mb", "tflops", "gbs", "pct_roofline", "bound", "ceiling_tflops", "ceiling_gbs",
+    "max_rel_diff_vs_eager", "agrees", "timer", "input_sets",
+    "device", "device_name", "capability", "threads", "tf32", "torch_version", "cuda_version", "cudnn_version",
+    "triton_version", "torchvision_version", "resnet_kernels_version", "git_commit", "loadavg_1m", "timestamp",
+)
+
+
+# --------------------------------------------------------------------------------------- arguments
+def _csv_list(text, allowed=None, what="value"):
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise SystemExit(f"--{what}: unknown {bad}; choose from {sorted(allowed)}")
+    return items
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="8 shapes, one small batch, shorter timing")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes (default: float32 on CPU; float16,bfloat16,float32 on CUDA, "
+                        "float16 with --quick)")
+    p.add_argument("--batch", default=None,
+                   help="comma-separated batch sizes (default CPU: 1,8, --quick 1; CUDA: 1,32,256, --quick 32,256)")
+    p.add_argument("--formats", default="nchw,channels_last", help="comma-separated subset of nchw,channels_last")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
+    p.add_argument("--compile", dest="compile_mode", default="some", choices=("some", "all", "none"),
+                   help="torch.compile the first --compile-shapes shapes (some, default), every shape, or none")
+    p.add_argument("--compile-shapes", type=int, default=3, help="how many shapes 'some' compiles (default 3)")
+    p.add_argument("--min-rounds", type=int, default=None, help="CPU: timed rounds at least (default 25, quick 10)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="CPU: seconds of timed calls per configuration at least (default 2.0, quick 0.5)")
+    p.add_argument("--warmup-ms", type=float, default=None, help="GPU do_bench warm-up (default 25, quick 10)")
+    p.add_argument("--rep-ms", type=float, default=None, help="GPU do_bench window (default 100, quick 40)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    args.dtypes = _csv_list(args.dtype or ("float16" if gpu and args.quick else
+                                           "float16,bfloat16,float32" if gpu else "float32"), DTYPES, "dtype")
+    try:
+        args.batches = [int(b) for b in _csv_list(args.batch or ("32,256" if gpu and args.quick else "1,32,256"
+                                                                  if gpu else "1" if args.quick else "1,8"))]
+    except ValueError:
+        p.error("--batch: comma-separated positive integers")
+    if not args.batches or min(args.batches) < 1:
+        p.error("--batch: comma-separated positive integers")
+    args.formats = _csv_list(args.formats, FORMATS, "formats")
+    args.providers = _csv_list(args.providers, PROVIDERS, "providers")
+    if BASELINE not in args.providers:
+        args.providers.insert(0, BASELINE)  # every speedup and the correctness check need it
+    if not gpu and "compile_max_autotune" in args.providers:
+        args.providers.remove("compile_max_autotune")  # GPU only (Inductor's GEMM/conv autotuning)
+    args.min_rounds = args.min_rounds or (10 if args.quick else 25)
+    args.min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
+    args.warmup_ms = args.warmup_ms or (10 if args.quick else 25)
+    args.rep_ms = args.rep_ms or (40 if args.quick else 100)
+    if "float16" in args.dtypes and not gpu:
+        warnings.warn("float16 on CPU: many kernels are slow reference paths; bfloat16 is the CPU low-precision "
+                      "dtype", stacklevel=1)
+    return args
+
+
+# --------------------------------------------------------------------------------------- environment
+def loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(device):
+    import torchvision
+
+    import resnet_kernels as rk
+
+    gpu = device.type == "cuda"
+    return {
+        "device": device.type, "device_name": common.device_name(device),
+        "capability": "sm_%d%d" % torch.cuda.get_device_capability(device) if gpu else "",
+        "threads": torch.get_num_threads(),
+        "tf32": int(bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)) if gpu else "",
+        "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "",
+        "cudnn_version": (torch.backends.cudnn.version() or "") if gpu else "",
+        "triton_version": common.package_version("triton"), "torchvision_version": torchvision.__version__,
+        "resnet_kernels_version": rk.__version__,
+        "git_commit": os.environ.get("RK_GIT_COMMIT") or common.git_commit(), "timestamp": common.timestamp(),
+    }
+
+
+# --------------------------------------------------------------------------------------- timing
+class Timer:
+    """do_bench on CUDA; the rotating interleaved CPU timer elsewhere."""
+
+    def __init__(self, device, args):
+        self.device, self.args = device, args
+        self.gpu = device.type == "cuda"
+        self.name = "do_bench" if self.gpu else "cpu_interleaved_rotating"
+
+    def sync(self):
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+
+    def run(self, fns, inputs, desc=None):
+        """{provider: (median s, p20 s, p80 s, samples, cpu_share, paired speedup or None)}."""
+        if self.gpu:
+            out = {}
+            for name, fn in fns.items():
+                args = inputs[0]
+                med, p20, p80 = gpu_bench(lambda: fn(*args), self.args.warmup_ms, self.args.rep_ms)
+                out[name] = (med * 1e-3, p20 * 1e-3, p80 * 1e-3, None, None, None)
+            return out
+        samples, share = common.time_rotating(fns, inputs, min_rounds=self.args.min_rounds,
+                                              min_seconds=self.args.min_time, sync=self.sync)
+        out = {}
+        base = samples.get(BASELINE)
+        for name, ts in samples.items():
+            paired = None
+            if base and len(base) == len(ts):
+                paired = common.percentile([b / t for b, t in zip(base, ts)], 50)
+            out[name] = (common.percentile(ts, 50), common.percentile(ts, 20), common.percentile(ts, 80), len(ts),
+                         share[name], paired)
+        return out
+
+
+def measure_ceilings(device, dtype, timer):
+    """(TFLOP/s of a large matmul in dtype, GB/s of a large copy), measured now on this device."""
+    gpu = device.type == "cuda"
+    n = 8192 if gpu else 2048
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    nbytes = (1 << 30) if gpu else (256 << 20)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_(generator=g)
+    dst = torch.empty_like(src)
+    if gpu:
+        t_mm = gpu_bench(lambda: torch.mm(a, b, out=c), timer.args.warmup_ms, timer.args.rep_ms)[0] * 1e-3
+        t_cp = gpu_bench(lambda: dst.copy_(src), timer.args.warmup_ms, timer.args.rep_ms)[0] * 1e-3
+    else:
+        samples, _ = common.time_rotating({"mm": lambda: torch.mm(a, b, out=c), "copy": lambda: dst.copy_(src)},
+                                          [()], warmup_rounds=1, min_rounds=5, min_seconds=0.5)
+        t_mm, t_cp = common.percentile(samples["mm"], 50), common.percentile(samples["copy"], 50)
+    del a, b, c, src, dst
+    if gpu:
+        torch.cuda.empty_cache()
+    return 2 * n ** 3 / t_mm / 1e12, 2 * nbytes / t_cp / 1e9
+
+
+# --------------------------------------------------------------------------------------- one configuration
+def build(shape, batch, dtype, fmt, device, seed, n_sets):
+    """(eager module, [input sets (x, residual)]) for one configuration; BN with realistic statistics."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(shape.c, shape.k, shape.r, shape.stride, shape.padding, bias=False)
+    bn = nn.BatchNorm2d(shape.k)
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 0.5)
+        bn.running_var.uniform_(0.25, 1.75)
+        bn.weight.uniform_(0.2, 1.2)
+        bn.bias.normal_(0.0, 0.3)
+    mod = EagerConvBN(conv, bn, shape.relu).eval().to(device=device, dtype=dtype, memory_format=fmt)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(batch, shape.c, shape.h, shape.h, device=device, generator=g).to(dtype).contiguous(
+            memory_format=fmt)
+        res = None
+        if shape.residual:
+            res = torch.randn(batch, shape.k, shape.p, shape.p, device=device, generator=g).to(dtype).contiguous(
+                memory_format=fmt)
+        sets.append((x, res))
+    return mod, sets
+
+
+def input_sets_needed(shape, batch, esize, device):
+    """CPU: enough input sets to be twice the last-level cache together (2..64). GPU: one
+    (do_bench flushes L2 before every call)."""
+    if device.type == "cuda":
+        return 1
+    per_set = batch * (shape.c * shape.h * shape.h + (shape.k * shape.p * shape.p if shape.residual else 0)) * esize
+    return int(min(64, max(2, math.ceil(2 * common.last_level_cache_bytes() / max(per_set, 1)))))
+
+
+def provider_fns(mod, shape, providers, compile_this, gpu):
+    """({provider: fn(x, res)}, {provider: why not}) for one configuration."""
+    import resnet_kernels as rk
+    from resnet_kernels import backends
+
+    fns, why = {}, {}
+    conv, bn = mod.conv, mod.bn
+    stride, padding = conv.stride, conv.padding
+    for p in providers:
+        if p == "eager":
+            fns[p] = mod
+        elif p == "conv_alone":
+            fns[p] = lambda x, res, w=conv.weight: F.conv2d(x, w, None, stride, padding)
+        elif p in ("compile", "compile_max_autotune"):
+            if not compile_this:
+                why[p] = "skipped: not compiled for this shape (--compile all to include)"
+                continue
+            mode = "max-autotune-no-cudagraphs" if p == "compile_max_autotune" else None
+            fns[p] = torch.compile(mod, mode=mode, dynamic=False)
+        else:
+            if p != "auto":
+                ok, reason = backends.status()[p]
+                if not ok:
+                    why[p] = f"unavailable: {reason}"
+                    continue
+            fused = rk.FusedConvBNAct.from_modules(conv, bn, nn.ReLU() if shape.relu else None, backend=p).eval()
+            fns[p] = fused
+    return fns, why
+
+
+def rel_diff(y, ref):
+    y, ref = y.double(), ref.double()
+    return ((y - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+
+
+def auto_choice(mod, shape, x, res):
+    """The backend `auto` serves this call with (after its first call: no new check or timing)."""
+    import resnet_kernels as rk
+    from resnet_kernels import backends
+
+    scale, shift = rk.fold_bn(mod.bn.weight, mod.bn.bias, mod.bn.running_mean, mod.bn.running_var, mod.bn.eps)
+    call = (scale, shift, res, mod.conv.stride, mod.conv.padding, mod.conv.dilation, 1, shape.relu)
+    return backends.resolve("auto", x, mod.conv.weight, 1, call=call)
+
+
+def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilings, env, compile_this):
+    dtype, fmt = DTYPES[dtype_name], FORMATS[fmt_name]
+    esize = torch.empty((), dtype=dtype).element_size()
+    n_sets = input_sets_needed(shape, batch, esize, device)
+    mod, sets = build(shape, batch, dtype, fmt, device, args.seed, n_sets)
+    fns, why = provider_fns(mod, shape, args.providers, compile_this, device.type == "cuda")
+    flop, nbytes = shape.flops(batch), shape.min_bytes(batch, esize)
+    conv_bytes = nbytes - (batch * shape.k * shape.p * shape.p * esize if shape.residual else 0) - 2 * shape.k * 4
+    ceil_tflops, ceil_gbs = ceilings[dtype_name]
+    base = {
+        "op": "conv_bn_act", "shape": shape.name, "role": shape.role,
+        "models": " ".join(f"{m}:{n}" for m, n in shape.count.items()), "dtype": dtype_name, "batch": batch,
+        "memory_format": fmt_name, "N": batch, "C": shape.c, "H": shape.h, "W": shape.h, "K": shape.k,
+        "R": shape.r, "S": shape.r, "P": shape.p, "Q": shape.p, "stride": shape.stride, "padding": shape.padding,
+        "relu": int(shape.relu), "residual": int(shape.residual), "ceiling_tflops": ceil_tflops,
+        "ceiling_gbs": ceil_gbs, "timer": timer.name, "input_sets": n_sets, **env,
+    }
+    rows = {}
+    for p in args.providers:
+        if p not in fns:
+            rows[p] = dict(base, provider=p, status=why.get(p, "skipped"))
+    # First call of each provider: compilation / autotuning / auto's check and timing, and the
+    # correctness check against eager, all outside the timed region.
+    live, first = {}, {}
+    with torch.inference_mode():
+        x0, r0 = sets[0]
+        ref = mod(x0, r0).clone()
+        for p, fn in fns.items():
+            try:
+                timer.sync()
+                t0 = time.perf_counter()
+                y = fn(x0, r0)
+                timer.sync()
+                first[p] = time.perf_counter() - t0
+                diff = rel_diff(y, ref) if p != "conv_alone" else None
+                for x, r in sets[1:3]:
+                    fn(x, r)  # the rotation's other inputs compile nothing new
+                live[p] = fn
+                backend = p if p in ("torch", "triton", "cuda") else (auto_choice(mod, shape, x0, r0)
+                                                                      if p == "auto" else "")
+                rows[p] = dict(base, provider=p, backend=backend, status="ok", first_call_s=first[p],
+                               max_rel_diff_vs_eager=diff,
+                               agrees="" if diff is None else int(diff <= AGREE_TOL[dtype]))
+                del y
+            except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                rows[p] = dict(base, provider=p, status=f"error: {type(e).__name__}: {msg}")
+        results = timer.run(live, sets) if live else {}
+    load = loadavg()
+    eager = results.get(BASELINE)
+    for p, (med, p20, p80, n, share, paired) in results.items():
+        t_floor = max(flop / (ceil_tflops * 1e12), (conv_bytes if p == "conv_alone" else nbytes) / (ceil_gbs * 1e9))
+        compute_bound = flop / (ceil_tflops * 1e12) >= nbytes / (ceil_gbs * 1e9)
+        rows[p].update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, samples=n, cpu_share=share,
+                       speedup_vs_eager=eager[0] / med if eager else None,
+                       speedup_paired=paired if p != BASELINE else (1.0 if paired is not None else None),
+                       gflop=flop / 1e9, min_mb=(conv_bytes if p == "conv_alone" else nbytes) / 1e6,
+                       tflops=flop / med / 1e12, gbs=(conv_bytes if p == "conv_alone" else nbytes) / med / 1e9,
+                       pct_roofline=100.0 * t_floor / med, bound="compute" if compute_bound else "memory",
+                       loadavg_1m=load)
+    for p in rows:
+        rows[p].setdefault("loadavg_1m", load)
+    del mod, sets, fns, live
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [rows[p] for p in args.providers if p in rows]
+
+
+# --------------------------------------------------------------------------------------- output
+def write_csv(rows, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                        for k in CSV_COLUMNS})
+    os.replace(tmp, path)
+
+
+def _f(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def render_markdown(rows, env, args, ceilings):
+    """The summary: per dtype x batch x format, a table of shapes x providers (median ms and speedup
+    vs eager), auto's choice, the best provider's % of roofline; and per model an estimate of the
+    total conv_bn_act time (shape medians x occurrences) when every shape of that model was run."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms") is not None]
+    provs = [p for p in args.providers if any(r["provider"] == p for r in ok)]
+    lines = [f"## conv_bn_act per shape: {env['device_name']} ({env['device']}{', ' + env['capability'] if env['capability'] else ''}), "
+             f"{env['threads']} threads", "",
+             f"torch {env['torch_version']}, triton {env['triton_version']}, CUDA {env['cuda_version'] or '-'}, "
+             f"resnet_kernels {env['resnet_kernels_version']}, commit {env['git_commit']}, {env['timestamp']}. "
+             f"Timer: {'triton.testing.do_bench' if env['device'] == 'cuda' else 'interleaved rounds, rotated inputs'}.",
+             "Ceilings measured in this run: " + "; ".join(f"{d}: {t:.2f} TFLOP/s matmul, {g:.1f} GB/s copy"
+                                                          for d, (t, g) in ceilings.items()) + ".", ""]
+    groups = {}
+    for r in ok:
+        groups.setdefault((r["dtype"], r["batch"], r["memory_format"]), []).append(r)
+    for (dt, b, fm), rs in groups.items():
+        by = {(r["shape"], r["provider"]): r for r in rs}
+        shapes = list(dict.fromkeys(r["shape"] for r in rs))
+        lines += [f"### {dt}, batch {b}, {fm}: median ms (speedup vs eager)", ""]
+        head = ["shape"] + provs + ["auto took", "best % roofline"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in shapes:
+            cells = [s]
+            for p in provs:
+                r = by.get((s, p))
+                if r is None:
+                    cells.append("-")
+                    continue
+                sp = _f(r.get("speedup_vs_eager"))
+                flag = " **!=eager**" if str(r.get("agrees")) == "0" else ""
+                cells.append(f"{float(r['median_ms']):.3g}" + (f" ({sp:.2f}x)" if sp and p not in (BASELINE, "conv_alone")
+                                                               else "") + flag)
+            a = by.get((s, "auto"))
+            cells.append(a.get("backend", "") if a else "-")
+            full = [by[(s, p)] for p in provs if (s, p) in by and p != "conv_alone"]
+            best = min(full, key=lambda r: float(r["median_ms"])) if full else None
+            cells.append(f"{float(best['pct_roofline']):.0f}% ({best['provider']})" if best else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        totals = model_totals(rs, provs)
+        if totals:
+            lines += [f"Estimated conv_bn_act total per model ({dt}, batch {b}, {fm}; sum of shape medians x "
+                      "occurrences, every shape of the model measured):", ""]
+            head = ["model"] + [p for p in provs if p != "conv_alone"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for model, tot in totals.items():
+                e = tot.get(BASELINE)
+                lines.append("| " + " | ".join([model] + [
+                    (f"{tot[p]:.3g} ms" + (f" ({e / tot[p]:.2f}x)" if e and p != BASELINE else "")) if p in tot else "-"
+                    for p in head[1:]]) + " |")
+            lines.append("")
+    bad = [r for r in ok if str(r.get("agrees")) == "0"]
+    if bad:
+        lines += ["Rows that DISAGREE with eager: " + ", ".join(
+            f"{r['shape']} / {r['provider']} ({r['dtype']}, {r['memory_format']}, diff {r['max_rel_diff_vs_eager']})"
+            for r in bad), ""]
+    errs = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    if errs:
+        lines += ["Errors: " + "; ".join(f"{r['shape']} / {r['provider']}: {r['status']}" for r in errs), ""]
+    skipped = sorted({f"{r['provider']}: {r['status']}" for r in rows
+                      if str(r.get("status", "")).startswith(("unavailable", "skipped"))})
+    if skipped:
+        lines += ["Not measured: " + "; ".join(skipped), ""]
+    return "\n".join(lines)
+
+
+def model_totals(rows, provs):
+    """{model: {provider: ms}} summed over shapes x occurrences, for models whose every shape is in rows."""
+    from benchmarks.shapes import MODELS
+    shapes = {}
+    for r in rows:
+        shapes.setdefault(r["shape"], {})[r["provider"]] = float(r["median_ms"])
+        shapes[r["shape"]]["_count"] = dict(kv.split(":") for kv in r["models"].split())
+    out = {}
+    for model in MODELS:
+        mine = {s: v for s, v in shapes.items() if model in v["_count"]}
+        if not mine or len(mine) < _SHAPES_PER_MODEL.get(model, 1 << 30):
+            continue
+        tot = {}
+        for p in provs:
+            if p == "conv_alone" or not all(p in v for v in mine.values()):
+                continue
+            tot[p] = sum(v[p] * int(v["_count"][model]) for v in mine.values())
+        out[model] = tot
+    return out
+
+
+_SHAPES_PER_MODEL = {}  # {model: number of distinct shapes}, filled by main from shapes.resnet_shapes()
+
+
+# --------------------------------------------------------------------------------------- main
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # eager gets cuDNN's best algorithm per shape
+    import resnet_kernels as rk  # noqa: F401  (after TRITON_INTERPRET is gone: registers the ops)
+
+    shapes = resnet_shapes()
+    for s in shapes:
+        for m in s.count:
+            _SHAPES_PER_MODEL[m] = _SHAPES_PER_MODEL.get(m, 0) + 1
+    if args.quick:
+        shapes = quick_shapes(shapes)
+    if args.shapes:
+        keys = [k.strip() for k in args.shapes.split(",") if k.strip()]
+        shapes = [s for s in shapes if any(k in s.name for k in keys)]
+    if not shapes:
+        raise SystemExit("--shapes: no shape matches")
+    compile_names = {s.name for s in (shapes if args.compile_mode == "all" else
+                                      shapes[:args.compile_shapes] if args.compile_mode == "some" else [])}
+    out_dir = args.out or (_REPO_ROOT / "benchmarks" / "results" / device.type)
+    csv_path, md_path = out_dir / "bench_blocks.csv", out_dir / "bench_blocks.md"
+    env = environment(device)
+    timer = Timer(device, args)
+    print(f"bench_blocks: {env['device_name']} ({device.type}), {env['threads']} threads, torch {env['torch_version']}, "
+          f"triton {env['triton_version']}, commit {env['git_commit']}, load average {loadavg()}")
+    print(f"{len(shapes)} shapes x dtypes {args.dtypes} x batches {args.batches} x formats {args.formats}; providers "
+          f"{args.providers}; torch.compile on {len(compile_names)} shape(s); timer {timer.name}")
+    ceilings = {}
+    for d in args.dtypes:
+        ceilings[d] = measure_ceilings(device, DTYPES[d], timer)
+        print(f"ceilings {d}: {ceilings[d][0]:.3f} TFLOP/s (matmul), {ceilings[d][1]:.1f} GB/s (copy)", flush=True)
+
+    configs = [(s, d, b, f) for s in shapes for d in args.dtypes for b in args.batches for f in args.formats]
+    rows = []
+    bar = tqdm(configs, desc="bench_blocks", unit="config", dynamic_ncols=True)
+    for shape, d, b, f in bar:
+        bar.set_postfix_str(f"{shape.name} {d} N={b} {f}")
+        rows += bench_config(shape, d, b, f, args, device, timer, ceilings, env, shape.name in compile_names)
+        write_csv(rows, csv_path)  # after every configuration: a run cut short keeps what it measured
+    bar.close()
+
+    md = render_markdown(rows, env, args, ceilings)
+    print("\n" + md)
+    md_path.write_text(md + "\n")
+    written = [csv_path, md_path]
+    if not args.no_plot:
+        from benchmarks import plot
+        written += plot.plot_blocks_csv(csv_path, out_dir)
+    print(f"wrote {', '.join(str(p) for p in written)} ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
