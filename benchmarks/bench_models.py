@@ -1,11 +1,13 @@
 """Whole-model benchmark: torchvision ResNets, eager vs torch.compile vs resnet_kernels.convert.
 
-    python benchmarks/bench_models.py --quick            # a few minutes on 2 CPU cores
+    python benchmarks/bench_models.py --quick            # resnet18 + resnet50, a few minutes on 2 CPU cores
+    python benchmarks/bench_models.py                    # resnet18 + resnet50 + resnet101, 15 rounds
     python benchmarks/bench_models.py --device cuda --dtype float16
 
 Method
 ------
-Models. torchvision resnet18 / resnet50 (any torchvision ResNet-family name works) are built with
+Models. torchvision resnet18 / resnet50 (--quick) and resnet101 (full run; any torchvision
+ResNet-family name works with --models) are built with
 seeded random weights; pretrained weights are never downloaded. A random-weight ResNet evaluated
 with default BN statistics gives nearly constant logits, which would make top-k agreement
 meaningless, so the model is made to behave like a network that has seen images:
@@ -52,7 +54,9 @@ torch.compile's compile time benefits from Inductor's on-disk cache on repeated 
 compiles with an empty temporary cache instead.
 
 Output. A table on stdout, DIR/bench_models.csv (long format, one row per model x provider, with
-the environment: device, threads, versions, git commit, load average) and DIR/bench_models.png,
+end-to-end images/s, the environment: device, threads, versions, git commit, load average, and the
+columns bench_blocks.csv shares: op (model_inference), memory_format (of the input as passed),
+capability, CUDA / cuDNN versions) and DIR/bench_models.png,
 which benchmarks/plot.py renders from the CSV alone. DIR defaults to benchmarks/results/<device>.
 """
 from __future__ import annotations
@@ -95,6 +99,8 @@ CSV_COLUMNS = (
     "compile_s", "compile_cache", "rounds", "warmup_rounds", "backend", "n_fused", "n_skipped",
     "logit_std_across_images", "torch_version", "torchvision_version", "triton_version",
     "resnet_kernels_version", "git_commit", "loadavg_1m", "timestamp",
+    # The environment columns bench_blocks.csv carries too (added after the original ones).
+    "op", "memory_format", "capability", "cuda_version", "cudnn_version",
 )
 
 
@@ -299,9 +305,11 @@ def bench_model(name, args, photos, device, dtype, env):
             "n_fused": n_fused if p == "resnet_kernels" else None,
             "n_skipped": len(skipped) if p == "resnet_kernels" else None,
             "logit_std_across_images": std_images,
-            "loadavg_1m": load,
+            "loadavg_1m": load, "op": "model_inference",
+            "memory_format": "channels_last" if p == "eager_channels_last" else "nchw",
             **{k: env[k] for k in ("torch_version", "torchvision_version", "triton_version",
-                                   "resnet_kernels_version", "git_commit", "timestamp")},
+                                   "resnet_kernels_version", "git_commit", "timestamp", "capability",
+                                   "cuda_version", "cudnn_version")},
         })
     return rows
 
@@ -352,7 +360,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="few rounds and a small calibration set (a few minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<device>)")
-    p.add_argument("--models", default="resnet18,resnet50", help="comma-separated torchvision model names")
+    p.add_argument("--models", default=None,
+                   help="comma-separated torchvision model names (default: resnet18,resnet50 with --quick, "
+                        "else resnet18,resnet50,resnet101)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -382,6 +392,7 @@ def parse_args(argv=None):
     if args.device == "cpu" and args.dtype == "float16":
         warnings.warn("float16 on CPU: many kernels are slow reference paths; bfloat16 is the CPU low-precision "
                       "dtype", stacklevel=1)
+    args.models = args.models or ("resnet18,resnet50" if args.quick else "resnet18,resnet50,resnet101")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
 
@@ -399,6 +410,9 @@ def environment(device):
         "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
         "triton_version": common.package_version("triton"), "resnet_kernels_version": rk.__version__,
         "git_commit": common.git_commit(), "timestamp": common.timestamp(),
+        "capability": "sm_%d%d" % torch.cuda.get_device_capability(device) if device.type == "cuda" else "",
+        "cuda_version": torch.version.cuda or "",
+        "cudnn_version": (torch.backends.cudnn.version() or "") if device.type == "cuda" else "",
     }
 
 
