@@ -39,7 +39,8 @@ shared machine). `cpu_share` = process CPU time / (wall x threads) during a prov
 Roofline. flop = 2 x multiply-adds of the convolution + the epilogue (scale, shift, residual,
 ReLU per output element); min_bytes = x + weight + y (+ residual) in the dtype + fp32 scale and
 shift, each touched once. Ceilings are measured at the start of the run on the same device and
-dtype: a large matmul (TFLOP/s) and a large copy (GB/s, read + write). floor = max(flop / peak,
+dtype: a large matmul (TFLOP/s) and a large copy (GB/s, read + write); GPU: do_bench medians,
+CPU: the best of 10+ runs (a peak; a median on a shared CPU measures this process's share). floor = max(flop / peak,
 bytes / bandwidth); pct_roofline = 100 x floor / median (100% = at the roofline; `bound` says
 which roof is the floor).
 
@@ -75,7 +76,25 @@ if str(_REPO_ROOT) not in sys.path:  # `python benchmarks/bench_blocks.py` from 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+try:
+    from tqdm import tqdm  # noqa: E402
+except ImportError:  # a bare GPU machine may lack tqdm: print one line per configuration instead
+    class tqdm:  # noqa: N801
+        def __init__(self, items, desc="", **_):
+            self.items, self.desc, self.post = list(items), desc, ""
+
+        def __iter__(self):
+            t0 = time.perf_counter()
+            for i, item in enumerate(self.items):
+                yield item
+                print(f"{self.desc}: {i + 1}/{len(self.items)} [{time.perf_counter() - t0:.0f} s] {self.post}",
+                      flush=True)
+
+        def set_postfix_str(self, text):
+            self.post = text
+
+        def close(self):
+            pass
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_cuda_quick import EagerConvBN  # noqa: E402  (conv -> bn -> (+res) -> relu_, op by op)
@@ -92,7 +111,8 @@ AGREE_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CSV_COLUMNS = (
     "op", "shape", "role", "models", "provider", "backend", "status", "dtype", "batch", "memory_format",
     "N", "C", "H", "W", "K", "R", "S", "P", "Q", "stride", "padding", "relu", "residual",
-    "median_ms", "p20_ms", "p80_ms", "samples", "first_call_s", "speedup_vs_eager", "speedup_paired", "cpu_share",
+    "median_ms", "p20_ms", "p80_ms", "min_ms", "samples", "first_call_s", "speedup_vs_eager", "speedup_paired",
+    "speedup_paired_p20", "speedup_paired_p80", "cpu_share",
     "gflop", "min_mb", "tflops", "gbs", "pct_roofline", "bound", "ceiling_tflops", "ceiling_gbs",
     "max_rel_diff_vs_eager", "agrees", "timer", "input_sets",
     "device", "device_name", "capability", "threads", "tf32", "torch_version", "cuda_version", "cudnn_version",
@@ -122,14 +142,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None,
                    help="comma-separated batch sizes (default CPU: 1,8, --quick 1; CUDA: 1,32,256, --quick 32,256)")
     p.add_argument("--formats", default="nchw,channels_last", help="comma-separated subset of nchw,channels_last")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated subset of {PROVIDERS} (default: all; --quick leaves out "
+                        "compile_max_autotune, whose autotuning takes minutes per shape)")
     p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
     p.add_argument("--compile", dest="compile_mode", default="some", choices=("some", "all", "none"),
                    help="torch.compile the first --compile-shapes shapes (some, default), every shape, or none")
     p.add_argument("--compile-shapes", type=int, default=3, help="how many shapes 'some' compiles (default 3)")
-    p.add_argument("--min-rounds", type=int, default=None, help="CPU: timed rounds at least (default 25, quick 10)")
+    p.add_argument("--min-rounds", type=int, default=None, help="CPU: timed rounds at least (default 30, quick 15)")
     p.add_argument("--min-time", type=float, default=None,
-                   help="CPU: seconds of timed calls per configuration at least (default 2.0, quick 0.5)")
+                   help="CPU: seconds of timed calls per configuration at least (default 2.0, quick 1.0)")
     p.add_argument("--warmup-ms", type=float, default=None, help="GPU do_bench warm-up (default 25, quick 10)")
     p.add_argument("--rep-ms", type=float, default=None, help="GPU do_bench window (default 100, quick 40)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -149,13 +171,14 @@ def parse_args(argv=None):
     if not args.batches or min(args.batches) < 1:
         p.error("--batch: comma-separated positive integers")
     args.formats = _csv_list(args.formats, FORMATS, "formats")
-    args.providers = _csv_list(args.providers, PROVIDERS, "providers")
+    args.providers = _csv_list(args.providers or ",".join(p for p in PROVIDERS if not (
+        args.quick and p == "compile_max_autotune")), PROVIDERS, "providers")
     if BASELINE not in args.providers:
         args.providers.insert(0, BASELINE)  # every speedup and the correctness check need it
     if not gpu and "compile_max_autotune" in args.providers:
         args.providers.remove("compile_max_autotune")  # GPU only (Inductor's GEMM/conv autotuning)
-    args.min_rounds = args.min_rounds or (10 if args.quick else 25)
-    args.min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
+    args.min_rounds = args.min_rounds or (15 if args.quick else 30)
+    args.min_time = args.min_time if args.min_time is not None else (1.0 if args.quick else 2.0)
     args.warmup_ms = args.warmup_ms or (10 if args.quick else 25)
     args.rep_ms = args.rep_ms or (40 if args.quick else 100)
     if "float16" in args.dtypes and not gpu:
@@ -205,13 +228,14 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def run(self, fns, inputs, desc=None):
-        """{provider: (median s, p20 s, p80 s, samples, cpu_share, paired speedup or None)}."""
+        """{provider: (median s, p20 s, p80 s, min s or None, samples, cpu_share,
+        (median, p20, p80) over rounds of eager's time / this provider's time in the same round, or None)}."""
         if self.gpu:
             out = {}
             for name, fn in fns.items():
                 args = inputs[0]
                 med, p20, p80 = gpu_bench(lambda: fn(*args), self.args.warmup_ms, self.args.rep_ms)
-                out[name] = (med * 1e-3, p20 * 1e-3, p80 * 1e-3, None, None, None)
+                out[name] = (med * 1e-3, p20 * 1e-3, p80 * 1e-3, None, None, None, None)
             return out
         samples, share = common.time_rotating(fns, inputs, min_rounds=self.args.min_rounds,
                                               min_seconds=self.args.min_time, sync=self.sync)
@@ -220,21 +244,27 @@ class Timer:
         for name, ts in samples.items():
             paired = None
             if base and len(base) == len(ts):
-                paired = common.percentile([b / t for b, t in zip(base, ts)], 50)
-            out[name] = (common.percentile(ts, 50), common.percentile(ts, 20), common.percentile(ts, 80), len(ts),
-                         share[name], paired)
+                ratios = [b / t for b, t in zip(base, ts)]
+                paired = tuple(common.percentile(ratios, q) for q in (50, 20, 80))
+            out[name] = (common.percentile(ts, 50), common.percentile(ts, 20), common.percentile(ts, 80), min(ts),
+                         len(ts), share[name], paired)
         return out
 
 
 def measure_ceilings(device, dtype, timer):
-    """(TFLOP/s of a large matmul in dtype, GB/s of a large copy), measured now on this device."""
+    """(TFLOP/s of a large matmul in dtype, GB/s of a large copy), measured now on this device.
+
+    GPU: do_bench medians of an 8192^3 matmul and a 1 GiB copy. CPU: the best of at least 10
+    interleaved runs of a 1024^3 matmul and a 64 MiB copy (twice the copy's bytes exceed the
+    last-level cache): a peak is a best case, and on a shared machine a long median would measure
+    the share of the cores this process got rather than what the cores can do."""
     gpu = device.type == "cuda"
-    n = 8192 if gpu else 2048
+    n = 8192 if gpu else 1024
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    nbytes = (1 << 30) if gpu else (256 << 20)
+    nbytes = (1 << 30) if gpu else max(64 << 20, 2 * common.last_level_cache_bytes())
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_(generator=g)
     dst = torch.empty_like(src)
     if gpu:
@@ -242,8 +272,8 @@ def measure_ceilings(device, dtype, timer):
         t_cp = gpu_bench(lambda: dst.copy_(src), timer.args.warmup_ms, timer.args.rep_ms)[0] * 1e-3
     else:
         samples, _ = common.time_rotating({"mm": lambda: torch.mm(a, b, out=c), "copy": lambda: dst.copy_(src)},
-                                          [()], warmup_rounds=1, min_rounds=5, min_seconds=0.5)
-        t_mm, t_cp = common.percentile(samples["mm"], 50), common.percentile(samples["copy"], 50)
+                                          [()], warmup_rounds=2, min_rounds=10, min_seconds=0.3)
+        t_mm, t_cp = min(samples["mm"]), min(samples["copy"])
     del a, b, c, src, dst
     if gpu:
         torch.cuda.empty_cache()
@@ -284,8 +314,8 @@ def input_sets_needed(shape, batch, esize, device):
     return int(min(64, max(2, math.ceil(2 * common.last_level_cache_bytes() / max(per_set, 1)))))
 
 
-def provider_fns(mod, shape, providers, compile_this, gpu):
-    """({provider: fn(x, res)}, {provider: why not}) for one configuration."""
+def provider_fns(mod, shape, providers, compile_this, x):
+    """({provider: fn(x, res)}, {provider: why not}) for one configuration (x: a sample input)."""
     import resnet_kernels as rk
     from resnet_kernels import backends
 
@@ -305,7 +335,7 @@ def provider_fns(mod, shape, providers, compile_this, gpu):
             fns[p] = torch.compile(mod, mode=mode, dynamic=False)
         else:
             if p != "auto":
-                ok, reason = backends.status()[p]
+                ok, reason = backends.supports(p, x, conv.weight, conv.groups)
                 if not ok:
                     why[p] = f"unavailable: {reason}"
                     continue
@@ -334,7 +364,7 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
     esize = torch.empty((), dtype=dtype).element_size()
     n_sets = input_sets_needed(shape, batch, esize, device)
     mod, sets = build(shape, batch, dtype, fmt, device, args.seed, n_sets)
-    fns, why = provider_fns(mod, shape, args.providers, compile_this, device.type == "cuda")
+    fns, why = provider_fns(mod, shape, args.providers, compile_this, sets[0][0])
     flop, nbytes = shape.flops(batch), shape.min_bytes(batch, esize)
     conv_bytes = nbytes - (batch * shape.k * shape.p * shape.p * esize if shape.residual else 0) - 2 * shape.k * 4
     ceil_tflops, ceil_gbs = ceilings[dtype_name]
@@ -379,12 +409,15 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
         results = timer.run(live, sets) if live else {}
     load = loadavg()
     eager = results.get(BASELINE)
-    for p, (med, p20, p80, n, share, paired) in results.items():
+    for p, (med, p20, p80, best, n, share, paired) in results.items():
         t_floor = max(flop / (ceil_tflops * 1e12), (conv_bytes if p == "conv_alone" else nbytes) / (ceil_gbs * 1e9))
         compute_bound = flop / (ceil_tflops * 1e12) >= nbytes / (ceil_gbs * 1e9)
-        rows[p].update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, samples=n, cpu_share=share,
+        rows[p].update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3,
+                       min_ms=None if best is None else best * 1e3, samples=n, cpu_share=share,
                        speedup_vs_eager=eager[0] / med if eager else None,
-                       speedup_paired=paired if p != BASELINE else (1.0 if paired is not None else None),
+                       speedup_paired=paired[0] if paired else None,
+                       speedup_paired_p20=paired[1] if paired else None,
+                       speedup_paired_p80=paired[2] if paired else None,
                        gflop=flop / 1e9, min_mb=(conv_bytes if p == "conv_alone" else nbytes) / 1e6,
                        tflops=flop / med / 1e12, gbs=(conv_bytes if p == "conv_alone" else nbytes) / med / 1e9,
                        pct_roofline=100.0 * t_floor / med, bound="compute" if compute_bound else "memory",
@@ -430,13 +463,21 @@ def render_markdown(rows, env, args, ceilings):
              f"Timer: {'triton.testing.do_bench' if env['device'] == 'cuda' else 'interleaved rounds, rotated inputs'}.",
              "Ceilings measured in this run: " + "; ".join(f"{d}: {t:.2f} TFLOP/s matmul, {g:.1f} GB/s copy"
                                                           for d, (t, g) in ceilings.items()) + ".", ""]
+    loads = [float(r["loadavg_1m"]) for r in rows if _f(r.get("loadavg_1m")) is not None]
+    shares = [float(r["cpu_share"]) for r in ok if _f(r.get("cpu_share")) is not None]
+    if env["device"] == "cpu" and loads and max(loads) > (os.cpu_count() or 1):
+        lines += [f"**Shared machine**: 1-minute load average up to {max(loads):.1f} on {os.cpu_count()} CPUs during "
+                  f"the run (median CPU share of the timed calls {common.percentile(shares, 50):.2f}): other processes "
+                  "took the cores, so single timings are noisy; compare providers within a row (interleaved rounds, "
+                  "`speedup_paired` in the CSV), not absolute times.", ""]
     groups = {}
     for r in ok:
         groups.setdefault((r["dtype"], r["batch"], r["memory_format"]), []).append(r)
     for (dt, b, fm), rs in groups.items():
         by = {(r["shape"], r["provider"]): r for r in rs}
         shapes = list(dict.fromkeys(r["shape"] for r in rs))
-        lines += [f"### {dt}, batch {b}, {fm}: median ms (speedup vs eager)", ""]
+        how = "paired speedup vs eager" if any(_f(r.get("speedup_paired")) for r in rs) else "speedup vs eager"
+        lines += [f"### {dt}, batch {b}, {fm}: median ms ({how})", ""]
         head = ["shape"] + provs + ["auto took", "best % roofline"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in shapes:
@@ -446,7 +487,7 @@ def render_markdown(rows, env, args, ceilings):
                 if r is None:
                     cells.append("-")
                     continue
-                sp = _f(r.get("speedup_vs_eager"))
+                sp = _f(r.get("speedup_paired")) or _f(r.get("speedup_vs_eager"))
                 flag = " **!=eager**" if str(r.get("agrees")) == "0" else ""
                 cells.append(f"{float(r['median_ms']):.3g}" + (f" ({sp:.2f}x)" if sp and p not in (BASELINE, "conv_alone")
                                                                else "") + flag)
@@ -559,8 +600,11 @@ def main(argv=None):
     md_path.write_text(md + "\n")
     written = [csv_path, md_path]
     if not args.no_plot:
-        from benchmarks import plot
-        written += plot.plot_blocks_csv(csv_path, out_dir)
+        try:
+            from benchmarks import plot
+            written += plot.plot_blocks_csv(csv_path, out_dir)
+        except ImportError as e:  # matplotlib missing: the CSV is complete, plot it elsewhere
+            print(f"no plots ({e}); render them anywhere with: python benchmarks/plot.py {csv_path}")
     print(f"wrote {', '.join(str(p) for p in written)} ({time.perf_counter() - t_start:.0f} s)")
     return 0
 

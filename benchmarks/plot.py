@@ -12,8 +12,9 @@ median(eager_nchw) / p20 of that provider, and the label above a bar is the prov
 time per batch in ms.
 
 bench_blocks.csv: per dtype, two charts with one panel per batch x memory format:
-bench_blocks_speedup_<dtype>.png (per shape, each provider's median speedup vs eager in the same
-memory format, whiskers from eager's median over the provider's p80..p20; log scale) and
+bench_blocks_speedup_<dtype>.png (per shape, each provider's speedup vs eager in the same memory
+format; log scale: on CPU the paired speedup, median and p20..p80 over interleaved rounds of
+eager's time / the provider's; on GPU median(eager) / median, whiskers from the provider's p80..p20) and
 bench_blocks_roofline_<dtype>.png (per shape, each provider's % of the roofline floor measured in
 the same run; 100% = at the roofline).
 """
@@ -196,7 +197,12 @@ def _block_panels(rows, png_path, metric, ylabel, title, providers_filter, log=F
 
 
 def _speedup(r, eager):
-    """(median speedup, low, high) vs eager's median in the same panel."""
+    """(speedup, low, high) vs eager in the same panel: the paired speedup (median and p20/p80 over
+    interleaved rounds of eager's time / the provider's) where the CSV has it (CPU), else
+    median(eager) / median(provider) with whiskers median(eager) / p80 .. / p20."""
+    paired = [_float(r.get(k)) for k in ("speedup_paired", "speedup_paired_p20", "speedup_paired_p80")]
+    if None not in paired:
+        return tuple(paired)
     sp, e = _float(r.get("speedup_vs_eager")), _float(eager.get("median_ms")) if eager else None
     p20, p80 = _float(r.get("p20_ms")), _float(r.get("p80_ms"))
     if sp is None:
@@ -227,7 +233,7 @@ def plot_blocks_csv(csv_path, out_dir=None):
     written = []
     for dtype, groups in _block_groups(rows).items():
         written.append(_block_panels(groups, out_dir / f"bench_blocks_speedup_{dtype}.png", _speedup,
-                                     "speedup vs eager (median)", "conv_bn_act speedup vs eager",
+                                     "speedup vs eager (whiskers p20-p80)", "conv_bn_act speedup vs eager",
                                      lambda p: p not in ("eager", "conv_alone"), log=True, ref_line=1.0))
         written.append(_block_panels(groups, out_dir / f"bench_blocks_roofline_{dtype}.png", _roofline,
                                      "% of roofline floor", "conv_bn_act % of the roofline (measured ceilings)",

@@ -120,7 +120,17 @@ def model_convs(model_name, size=224):
 
 
 def resnet_shapes(models=MODELS, size=224):
-    """Distinct ConvShapes over the models, in first-seen order, each with where/count filled in."""
+    """Distinct ConvShapes over the models, in first-seen order, each with where/count filled in.
+
+    Derived from torchvision; where torchvision is not installed (e.g. a bare GPU machine), the
+    default models at 224x224 come from FROZEN (tests/test_bench_shapes.py keeps it equal to the
+    derived list) and `where` stays empty."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        if tuple(models) != MODELS or size != 224:
+            raise
+        return frozen_shapes()
     out = {}
     for model_name in models:
         for qualname, s in model_convs(model_name, size):
@@ -128,6 +138,84 @@ def resnet_shapes(models=MODELS, size=224):
             shape.where.append(f"{model_name}.{qualname}")
             shape.count[model_name] = shape.count.get(model_name, 0) + 1
     return list(out.values())
+
+
+# resnet_shapes() of MODELS at 224x224: (C, K, H, R, stride, padding, relu, residual, role, {model: count}).
+FROZEN = (
+    (3, 64, 224, 7, 2, 3, 1, 0, 'stem',
+     {'resnet18': 1, 'resnet34': 1, 'resnet50': 1, 'resnet101': 1}),
+    (64, 64, 56, 3, 1, 1, 1, 0, 'block_conv',
+     {'resnet18': 2, 'resnet34': 3, 'resnet50': 3, 'resnet101': 3}),
+    (64, 64, 56, 3, 1, 1, 1, 1, 'block_last',
+     {'resnet18': 2, 'resnet34': 3}),
+    (64, 128, 56, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 1}),
+    (128, 128, 28, 3, 1, 1, 1, 1, 'block_last',
+     {'resnet18': 2, 'resnet34': 4}),
+    (64, 128, 56, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet18': 1, 'resnet34': 1}),
+    (128, 128, 28, 3, 1, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 3, 'resnet50': 3, 'resnet101': 3}),
+    (128, 256, 28, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 1}),
+    (256, 256, 14, 3, 1, 1, 1, 1, 'block_last',
+     {'resnet18': 2, 'resnet34': 6}),
+    (128, 256, 28, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet18': 1, 'resnet34': 1}),
+    (256, 256, 14, 3, 1, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 5, 'resnet50': 5, 'resnet101': 22}),
+    (256, 512, 14, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 1}),
+    (512, 512, 7, 3, 1, 1, 1, 1, 'block_last',
+     {'resnet18': 2, 'resnet34': 3}),
+    (256, 512, 14, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet18': 1, 'resnet34': 1}),
+    (512, 512, 7, 3, 1, 1, 1, 0, 'block_conv',
+     {'resnet18': 1, 'resnet34': 2, 'resnet50': 2, 'resnet101': 2}),
+    (64, 64, 56, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (64, 256, 56, 1, 1, 0, 1, 1, 'block_last',
+     {'resnet50': 3, 'resnet101': 3}),
+    (64, 256, 56, 1, 1, 0, 0, 0, 'downsample',
+     {'resnet50': 1, 'resnet101': 1}),
+    (256, 64, 56, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 2, 'resnet101': 2}),
+    (256, 128, 56, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (128, 128, 56, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (128, 512, 28, 1, 1, 0, 1, 1, 'block_last',
+     {'resnet50': 4, 'resnet101': 4}),
+    (256, 512, 56, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet50': 1, 'resnet101': 1}),
+    (512, 128, 28, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 3, 'resnet101': 3}),
+    (512, 256, 28, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (256, 256, 28, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (256, 1024, 14, 1, 1, 0, 1, 1, 'block_last',
+     {'resnet50': 6, 'resnet101': 23}),
+    (512, 1024, 28, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet50': 1, 'resnet101': 1}),
+    (1024, 256, 14, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 5, 'resnet101': 22}),
+    (1024, 512, 14, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (512, 512, 14, 3, 2, 1, 1, 0, 'block_conv',
+     {'resnet50': 1, 'resnet101': 1}),
+    (512, 2048, 7, 1, 1, 0, 1, 1, 'block_last',
+     {'resnet50': 3, 'resnet101': 3}),
+    (1024, 2048, 14, 1, 2, 0, 0, 0, 'downsample',
+     {'resnet50': 1, 'resnet101': 1}),
+    (2048, 512, 7, 1, 1, 0, 1, 0, 'block_conv',
+     {'resnet50': 2, 'resnet101': 2}),
+)
+
+
+def frozen_shapes():
+    return [ConvShape(c, k, h, r, st, pad, bool(relu), bool(res), role, count=dict(cnt))
+            for c, k, h, r, st, pad, relu, res, role, cnt in FROZEN]
 
 
 # A subset for --quick runs: one of each role and stage, small to large spatial sizes, both block
