@@ -248,6 +248,9 @@ def _cmdclass(build_ext_base):
 
 ext_modules, build_ext, with_cuda = _extensions()
 label = _local_label(with_cuda)
+if label and "sdist" in sys.argv[1:]:
+    _log(f"ignoring the local version label +{label} for the sdist: an sdist is built where it is installed")
+    label = None
 version = _version() + (f"+{label}" if label else "")
 if label:
     _log(f"wheel version {version}")

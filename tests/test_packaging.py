@@ -212,6 +212,30 @@ def test_wheel_matrix_rejects_bad_configs():
         wheel_matrix.plan(narrow, wheel_matrix.combinations(narrow))
 
 
+def test_wheel_matrix_probe_keeps_only_published_wheels(monkeypatch, capsys):
+    """--probe reads one PyTorch index page per CUDA version (here: fake pages in that format)."""
+    def row(name):
+        return f'<a href="/whl/{name.split("%2B")[1][:5]}/{name}#sha256=00">{name.replace("%2B", "+")}</a><br/>'
+
+    pages = {
+        "https://download.pytorch.org/whl/cu128/torch/": "\n".join(row(n) for n in [
+            "torch-2.11.0%2Bcu128-cp310-cp310-manylinux_2_28_x86_64.whl",
+            "torch-2.11.0%2Bcu128-cp310-cp310-manylinux_2_28_aarch64.whl",   # wrong platform
+            "torch-2.14.1%2Bcu128-cp312-cp312-win_amd64.whl",                # wrong platform
+            "torch-2.14.10%2Bcu128-cp310-cp310-manylinux_2_28_x86_64.whl"]),  # another version
+        "https://download.pytorch.org/whl/cu130/torch/": "\n".join(row(n) for n in [
+            f"torch-{t}%2Bcu130-cp{p}-cp{p}-manylinux_2_28_x86_64.whl" for t in ("2.11.0", "2.14.1")
+            for p in ("310", "312")]),
+    }
+    monkeypatch.setattr(wheel_matrix, "_fetch", lambda url: pages[url])
+    cfg = {"python": ["3.10", "3.12"], "torch": ["2.11.0", "2.14.1"], "cuda": ["12.8", "13.0"], "archs": ARCHS,
+           "exclude": []}
+    kept = {(c["python"], c["torch"], c["cuda"]) for c in wheel_matrix.published(wheel_matrix.combinations(cfg))}
+    assert kept == {("3.10", "2.11.0", "12.8")} | {(p, t, "13.0") for p in ("3.10", "3.12")
+                                                   for t in ("2.11.0", "2.14.1")}
+    assert "torch 2.14.1+cu128 for Python 3.12 is not on" in capsys.readouterr().err
+
+
 # --- the CUDA wheel -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cuda_wheel(tmp_path_factory):
