@@ -110,7 +110,8 @@ def _check_toolkit_matches_torch(toolkit, torch_cuda, cuda_home, nvcc):
              f"runtime symbols that torch's bundled runtime {torch_cuda} lacks (an import error at load time). "
              f"A toolkit {torch_cuda} (set CUDA_HOME) is the safe choice")
     elif tk < tc:
-        _log(f"note: CUDA toolkit {toolkit} is older than torch's CUDA {torch_cuda}; fine (minor-version compatibility)")
+        _log(f"note: CUDA toolkit {toolkit} is older than torch's CUDA {torch_cuda}; fine "
+             "(minor-version compatibility)")
 
 
 def _limited_api_kwargs():

@@ -68,7 +68,8 @@ def check(whl, label=None, archs=None, abi3=True, log=print):
         assert ver.endswith("+" + label), f"{name}: version {ver} lacks the local label +{label}"
         log(f"ok: version {ver} carries +{label}")
     if abi3:
-        assert (m.group("py"), m.group("abi")) == ("cp310", "abi3"), f"{name}: tags {m.group('py')}-{m.group('abi')}, want cp310-abi3"
+        tags = (m.group("py"), m.group("abi"))
+        assert tags == ("cp310", "abi3"), f"{name}: tags {'-'.join(tags)}, want cp310-abi3"
         log("ok: cp310-abi3 (one wheel for every CPython >= 3.10)")
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
@@ -78,7 +79,8 @@ def check(whl, label=None, archs=None, abi3=True, log=print):
             assert sos[0] == "resnet_kernels/_C.abi3.so", f"{name}: {sos[0]} is not the abi3 module _C.abi3.so"
         for need in ("resnet_kernels/__init__.py", "resnet_kernels/ops.py", "resnet_kernels/triton/conv_bn_act.py"):
             assert need in names, f"{name}: lacks {need}"
-        bad = [n for n in names if n.startswith(("csrc/", "tests/", "benchmarks/")) or n.endswith((".o", ".cu", ".cpp"))]
+        bad = [n for n in names
+               if n.startswith(("csrc/", "tests/", "benchmarks/")) or n.endswith((".o", ".cu", ".cpp"))]
         assert not bad, f"{name}: ships sources/tests/objects {bad[:5]}"
         log(f"ok: contents ({len(names)} files, extension {sos[0]})")
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -120,7 +122,8 @@ def main(argv=None):
     ap.add_argument("wheel", nargs="+", help="wheel file(s) (globs are expanded)")
     ap.add_argument("--label", help="the local version label the wheel must carry, e.g. cu130torch2.14")
     ap.add_argument("--archs", help='arch list whose cubins must be in _C, e.g. "8.0;9.0a"')
-    ap.add_argument("--no-abi3", action="store_true", help="the wheel is version-specific (RESNET_KERNELS_PY_LIMITED_API=0)")
+    ap.add_argument("--no-abi3", action="store_true",
+                    help="the wheel is version-specific (RESNET_KERNELS_PY_LIMITED_API=0)")
     args = ap.parse_args(argv)
     wheels = [w for pat in args.wheel for w in (glob.glob(pat) or [pat])]
     if len(wheels) != 1:

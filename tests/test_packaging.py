@@ -38,7 +38,7 @@ WORKFLOWS = ROOT / ".github" / "workflows"
 ARCHS = "8.0;9.0a"
 # What a copy of the tree leaves out: build products, envs, caches (as a fresh clone would).
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o",
-                                 ".pytest_cache", "out", "bench_out", "*.whl")
+                                 ".pytest_cache", ".ruff_cache", "out", "bench_out", "*.whl")
 
 
 def _load(name):
@@ -234,6 +234,61 @@ def test_wheel_matrix_probe_keeps_only_published_wheels(monkeypatch, capsys):
     assert kept == {("3.10", "2.11.0", "12.8")} | {(p, t, "13.0") for p in ("3.10", "3.12")
                                                    for t in ("2.11.0", "2.14.1")}
     assert "torch 2.14.1+cu128 for Python 3.12 is not on" in capsys.readouterr().err
+
+
+# --- setup.py switches (no compile: `setup.py --version` runs the same decisions) ---------------
+@pytest.fixture(scope="module")
+def setup_tree(tmp_path_factory):
+    return _copy_tree(tmp_path_factory.mktemp("setup") / "src")
+
+
+def _fake_toolkit(root, release):
+    """A CUDA 'toolkit' whose nvcc only answers --version (enough for setup.py's checks)."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.99'\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def _setup_version(tree, **env):
+    p = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tree, env=_env(**env), capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout.strip().splitlines()[-1:], p.stdout + p.stderr
+
+
+@pytest.mark.skipif(not torch.version.cuda, reason="torch is a CPU-only build: no CUDA version to compare with")
+def test_setup_refuses_a_toolkit_of_another_cuda_major(setup_tree, tmp_path):
+    major = int(torch.version.cuda.split(".")[0])
+    other = f"{major - 1}.4"
+    root = _fake_toolkit(tmp_path / "cuda", other)
+    rc, _, out = _setup_version(setup_tree, CUDA_HOME=root, RESNET_KERNELS_BUILD_CUDA="1")
+    assert rc != 0
+    assert f"CUDA toolkit/torch mismatch: nvcc at {root / 'bin' / 'nvcc'}" in out
+    assert f"is CUDA {other}, but the installed torch was built with CUDA {torch.version.cuda}" in out
+    assert "RESNET_KERNELS_BUILD_CUDA=0" in out
+    # a newer minor of the same major builds, with a warning; the local label names torch's CUDA
+    newer = f"{major}.{int(torch.version.cuda.split('.')[1]) + 5}"
+    root2 = _fake_toolkit(tmp_path / "cuda2", newer)
+    rc, last, out = _setup_version(setup_tree, CUDA_HOME=root2, RESNET_KERNELS_BUILD_CUDA="1",
+                                   RESNET_KERNELS_LOCAL_VERSION="1")
+    assert rc == 0, out[-3000:]
+    assert f"WARNING: CUDA toolkit {newer} is newer than torch's CUDA {torch.version.cuda}" in out
+    assert last == [f"{_version()}+{wheel_matrix.label(torch.__version__.split('+')[0], torch.version.cuda)}"]
+
+
+def test_setup_local_version_switch(setup_tree):
+    ab = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    rc, last, out = _setup_version(setup_tree, RESNET_KERNELS_BUILD_CUDA="0", RESNET_KERNELS_LOCAL_VERSION="1")
+    assert rc == 0 and last == [f"{_version()}+cputorch{ab}"], out[-3000:]
+    rc, last, out = _setup_version(setup_tree, RESNET_KERNELS_BUILD_CUDA="0")
+    assert rc == 0 and last == [_version()], out[-3000:]
+    rc, last, out = _setup_version(setup_tree, RESNET_KERNELS_BUILD_CUDA="0", RESNET_KERNELS_LOCAL_VERSION="my.build7")
+    assert rc == 0 and last == [f"{_version()}+my.build7"], out[-3000:]
+    rc, _, out = _setup_version(setup_tree, RESNET_KERNELS_BUILD_CUDA="0", RESNET_KERNELS_LOCAL_VERSION="cu130-x")
+    assert rc != 0 and "RESNET_KERNELS_LOCAL_VERSION='cu130-x' is not a PEP 440 local version label" in out
 
 
 # --- the CUDA wheel -----------------------------------------------------------------------------
