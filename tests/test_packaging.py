@@ -41,15 +41,26 @@ _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
                                  ".pytest_cache", ".ruff_cache", "out", "bench_out", "*.whl")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+class _Script:
+    """scripts/<name>.py as a module, loaded on first use (the GPU workflow collects tests/ without
+    scripts/ beside it)."""
+
+    def __init__(self, name):
+        self._name, self._mod = name, None
+
+    def module(self):
+        if self._mod is None:
+            spec = importlib.util.spec_from_file_location(self._name, SCRIPTS / f"{self._name}.py")
+            self._mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(self._mod)
+        return self._mod
+
+    def __getattr__(self, attr):
+        return getattr(self.module(), attr)
 
 
-check_wheel = _load("check_wheel")
-wheel_matrix = _load("wheel_matrix")
+check_wheel = _Script("check_wheel")
+wheel_matrix = _Script("wheel_matrix")
 
 
 def _nvcc():
@@ -227,7 +238,7 @@ def test_wheel_matrix_probe_keeps_only_published_wheels(monkeypatch, capsys):
             f"torch-{t}%2Bcu130-cp{p}-cp{p}-manylinux_2_28_x86_64.whl" for t in ("2.11.0", "2.14.1")
             for p in ("310", "312")]),
     }
-    monkeypatch.setattr(wheel_matrix, "_fetch", lambda url: pages[url])
+    monkeypatch.setattr(wheel_matrix.module(), "_fetch", lambda url: pages[url])
     cfg = {"python": ["3.10", "3.12"], "torch": ["2.11.0", "2.14.1"], "cuda": ["12.8", "13.0"], "archs": ARCHS,
            "exclude": []}
     kept = {(c["python"], c["torch"], c["cuda"]) for c in wheel_matrix.published(wheel_matrix.combinations(cfg))}
