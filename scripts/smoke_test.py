@@ -189,6 +189,9 @@ def main(argv=None):
         print(f"[smoke] FAIL  import resnet_kernels: {type(e).__name__}: {e}")
         return 1
     print(f"[smoke] python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__}")
+    # IEEE fp32 everywhere (as the test suite): TF32 would blur the fp32 comparison on a GPU.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     check_install_location(rep, rk)
     info()  # backends and why one is unavailable, device, versions, build flags
     check_ops(rep, rk, args)
