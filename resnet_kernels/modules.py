@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
+from . import backends, reference
+from ._geometry import as_canonical, out_memory_format
 from .functional import fold_bn, fused_conv_bn_act, fused_conv_bn_train
 
 _BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -103,6 +104,17 @@ def _bn_constants(bn, conv_bias):
     return value
 
 
+def _all_finite(bn, scale):
+    """Whether every BN scale is finite; remembered per scale tensor (the cached constants are the
+    same object while the BN is unchanged), so the check costs one reduction per fill, not per call."""
+    hit = bn.__dict__.get("_resnet_kernels_finite")
+    if hit is not None and hit[0] is scale:
+        return hit[1]
+    ok = bool(torch.isfinite(scale).all())
+    bn.__dict__["_resnet_kernels_finite"] = (scale, ok)
+    return ok
+
+
 def _check_backend(backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -142,6 +154,16 @@ def _conv_bn(x, weight, conv_bias, conv, bn, residual, relu, backend):
             y = y + residual
         return F.relu(y) if relu else y
     scale, shift = _bn_constants(bn, conv_bias)
+    if conv_bias is not None and not torch.compiler.is_compiling() and not _all_finite(bn, scale):
+        # var + eps == 0 (eps=0): scale is +-inf, and folding the conv bias into shift would change
+        # which elements become NaN (inf - inf) and which +-inf. Run the unfused ops so every
+        # non-finite value lands where BatchNorm puts it. (Under torch.compile the folded form is traced.)
+        backends.resolve(backend, x, weight, conv.groups)  # a named backend that cannot serve still refuses
+        y = _normalize(bn, F.conv2d(x, weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        if residual is not None:
+            y = y + residual
+        y = F.relu(y) if relu else y
+        return as_canonical(y if y.dtype == x.dtype else y.to(x.dtype), out_memory_format(x))  # the op's contract
     if x.dtype == torch.float64:
         scale, shift = scale.double(), shift.double()
     return fused_conv_bn_act(x, weight, scale, shift, residual, stride=conv.stride, padding=conv.padding,

@@ -254,7 +254,8 @@ def _conv_bn_act_kernel(
         res = tl.load(res_ptr + r_off, mask=mn_mask, other=0.0)
         y = y + res.to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        # A compare, not tl.maximum (which returns 0 for NaN): NaN propagates as through torch.relu.
+        y = tl.where(y < 0.0, 0.0, y)
     o_off = (n64 * son + oh64 * sop + ow64 * soq)[:, None] + (k64 * sok)[None, :]
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
 

@@ -67,8 +67,8 @@ def _bn_apply_kernel(
         r = tl.load(res_ptr + (n_img * srn + p * srp + q * srq)[:, None] + (k64 * srk)[None, :], mask=mask,
                     other=0.0)
         v = v + r.to(tl.float32)
-    if RELU:
-        v = tl.maximum(v, 0.0)
+    if RELU:  # a compare, not tl.maximum (0 for NaN): NaN propagates as through torch.relu
+        v = tl.where(v < 0.0, 0.0, v)
     tl.store(out_ptr + (n_img * son + p * sop + q * soq)[:, None] + (k64 * sok)[None, :],
              v.to(out_ptr.dtype.element_ty), mask=mask)
 
