@@ -29,8 +29,6 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
-# The oldest CPython the abi3 module is built for; torch's own minimum for py_limited_api builds.
-LIMITED_API_TAG = "cp310"
 
 
 def _log(msg):
@@ -127,10 +125,25 @@ def _limited_api_kwargs():
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         _log("free-threaded Python: building a version-specific _C (abi3 is not available here)")
         return {}
-    if "py_limited_api" not in inspect.getsource(cpp_extension.CppExtension):
+    try:
+        supported = "py_limited_api" in inspect.getsource(cpp_extension.CppExtension)
+    except (OSError, TypeError):  # no source shipped: torch >= 2.6 has it
+        import torch
+
+        supported = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+    if not supported:
         _log("this torch predates py_limited_api support in its extension builder: version-specific _C")
         return {}
     return {"py_limited_api": True}
+
+
+def _limited_api_tag():
+    """The wheel's Python tag: the CPython whose limited API torch compiles against (it defines
+    Py_LIMITED_API=min_supported_cpython), e.g. 0x030A0000 -> cp310."""
+    from torch.utils import cpp_extension
+
+    v = int(str(getattr(cpp_extension, "min_supported_cpython", "0x030A0000")), 16)
+    return f"cp{(v >> 24) & 0xFF}{(v >> 16) & 0xFF}"
 
 
 def _extensions():
@@ -265,7 +278,7 @@ setup(
     packages=find_packages(include=["resnet_kernels", "resnet_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=_cmdclass(build_ext),
-    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}} if limited else {},
+    options={"bdist_wheel": {"py_limited_api": _limited_api_tag()}} if limited else {},
     python_requires=">=3.10",
     install_requires=_install_requires(label),
     extras_require={"triton": ["triton"], "bench": ["torchvision", "scikit-image", "matplotlib", "tqdm"]},
