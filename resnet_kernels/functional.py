@@ -23,8 +23,12 @@ def fused_conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, paddi
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # raises, naming it
     # The op validates everything else (its real and fake kernels share check_args).
-    name = backends.resolve(backend, x, weight, groups,
-                            call=(scale, shift, residual, stride, padding, dilation, groups, relu))
+    try:
+        name = backends.resolve(backend, x, weight, groups,
+                                call=(scale, shift, residual, stride, padding, dilation, groups, relu))
+    except backends.BackendUnavailable:
+        check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # a bad argument first
+        raise
     if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, scale, shift, residual)):
         from .reference import caching_disabled
@@ -69,12 +73,39 @@ def fused_conv_bn_train(x, weight, gamma, beta, residual=None, *, running_mean=N
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, None, None, residual, stride, padding, dilation, groups)  # raises, naming it
-    name = backends.resolve_train(backend, x, weight, groups,
-                                  call=(gamma, beta, residual, stride, padding, dilation, groups, eps, relu))
+    try:
+        name = backends.resolve_train(backend, x, weight, groups,
+                                      call=(gamma, beta, residual, stride, padding, dilation, groups, eps, relu))
+    except backends.BackendUnavailable:
+        ops._check_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups)  # a bad argument first
+        raise
     out, y, mean, var = ops.conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
                                           relu, name)
     if update_running_stats and running_mean is not None and running_var is not None:
+        _check_running_stats(running_mean, running_var, num_batches_tracked, out)
+        count = y.numel() // max(y.shape[1], 1)
         with torch.no_grad():
-            ops.bn_update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(),
-                                         var.detach(), y.numel() // max(y.shape[1], 1), momentum)
+            if count == 0:  # nn.BatchNorm2d: an empty batch is counted but changes no statistic
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+            else:
+                ops.bn_update_running_stats_(running_mean, running_var, num_batches_tracked, mean.detach(),
+                                             var.detach(), count, momentum)
     return out
+
+
+def _check_running_stats(running_mean, running_var, num_batches_tracked, out):
+    k = out.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != k:
+            raise ValueError(f"{name} must be a 1-D tensor of the K={k} output channels, got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != out.device:
+            raise ValueError(f"{name} must be on x's device {out.device}, got {t.device}")
+    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, torch.Tensor)
+                                            or num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.device != out.device):
+        raise ValueError("num_batches_tracked must be None or a one-element tensor on x's device, got "
+                         f"{num_batches_tracked!r:.80}")

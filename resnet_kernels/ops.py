@@ -130,8 +130,8 @@ def _check_train(x, weight, gamma, beta, residual, stride, padding, dilation, gr
                 raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if shape[0] * shape[2] * shape[3] <= 1:
-        # nn.BatchNorm2d's own rule and message (F.batch_norm's _verify_batch_size)
+    if shape[0] * shape[2] * shape[3] == 1:
+        # nn.BatchNorm2d's own rule and message (F.batch_norm's _verify_batch_size; an empty batch passes)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
     return shape, fmt
@@ -149,12 +149,24 @@ def _stat_dtype(x):
 
 
 def _conv_bn_train_kernel(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu, backend):
-    _check_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups)
+    shape, fmt = _check_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups)
+    if shape[0] * shape[2] * shape[3] == 0:
+        # An empty batch: nn.BatchNorm2d returns an empty output; there are no statistics (NaN), and
+        # fused_conv_bn_train leaves the running statistics as they are (num_batches_tracked still counts).
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        stat = torch.full((shape[1],), float("nan"), dtype=_stat_dtype(x), device=x.device)
+        return out, torch.empty_like(out), stat, stat.clone()
     return backends.run_train(backend, x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps,
                               relu)
 
 
 def _bn_act_train_backward_kernel(grad, out, y, mean, var, gamma, eps, relu, backend):
+    if y.numel() == 0:  # an empty batch: nothing flows back, the parameters' gradients are zero
+        from ._geometry import out_memory_format
+        fmt = out_memory_format(y)
+        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+        gz = torch.empty(y.shape, dtype=grad.dtype, device=y.device, memory_format=fmt) if relu else grad.new_empty(0)
+        return dy, gz, torch.zeros_like(mean), torch.zeros_like(mean)
     return backends.run_train_backward(backend, grad, out, y, mean, var, gamma, eps, relu)
 
 
