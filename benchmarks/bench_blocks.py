@@ -35,14 +35,16 @@ median and p20/p80 of the per-call times (and the minimum), and `speedup_paired`
 eager's time / the provider's time in the same round (robust to load that comes and goes on a
 shared machine). `cpu_share` = process CPU time / (wall x threads) during a provider's calls
 (well below 1: other processes took the cores); a configuration whose median share is below
---quiet-share (0.85) is timed again, up to --retries (2) times, and the least contended attempt
+--quiet-share (0.85) is timed again, up to --retries (2; --quick 1) times, and the least contended attempt
 is kept (`attempts`); rows still contended are marked in the summary.
 
 Roofline. flop = 2 x multiply-adds of the convolution + the epilogue (scale, shift, residual,
 ReLU per output element); min_bytes = x + weight + y (+ residual) in the dtype + fp32 scale and
 shift, each touched once. Ceilings are measured at the start of the run on the same device and
 dtype: a large matmul (TFLOP/s) and a large copy (GB/s, read + write); GPU: do_bench medians,
-CPU: the best of 10+ runs (a peak; a median on a shared CPU measures this process's share). floor = max(flop / peak,
+CPU: the best of 20+ runs at the start and at the end of the run (a peak; a median on a shared
+CPU would measure this process's share of it), and every row's % is computed against the final
+ceilings. floor = max(flop / peak,
 bytes / bandwidth); pct_roofline = 100 x floor / median (100% = at the roofline; `bound` says
 which roof is the floor).
 
@@ -155,9 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--min-rounds", type=int, default=None, help="CPU: timed rounds at least (default 30, quick 20)")
     p.add_argument("--min-time", type=float, default=None,
                    help="CPU: seconds of timed calls per configuration at least (default 3.0, quick 1.5)")
-    p.add_argument("--retries", type=int, default=2,
+    p.add_argument("--retries", type=int, default=None,
                    help="CPU: time a configuration again (up to this many times) while other processes took the "
-                        "cores (default 2)")
+                        "cores (default 2, --quick 1)")
     p.add_argument("--quiet-share", type=float, default=0.85,
                    help="CPU: the CPU share (process CPU time / (wall x threads)) below which a configuration counts "
                         "as contended and is retried (default 0.85)")
@@ -186,6 +188,7 @@ def parse_args(argv=None):
         args.providers.insert(0, BASELINE)  # every speedup and the correctness check need it
     if not gpu and "compile_max_autotune" in args.providers:
         args.providers.remove("compile_max_autotune")  # GPU only (Inductor's GEMM/conv autotuning)
+    args.retries = args.retries if args.retries is not None else (1 if args.quick else 2)
     if args.retries < 0 or not 0 < args.quiet_share <= 1:
         p.error("--retries must be >= 0 and --quiet-share in (0, 1]")
     args.min_rounds = args.min_rounds or (20 if args.quick else 30)
@@ -284,7 +287,7 @@ class Timer:
 def measure_ceilings(device, dtype, timer):
     """(TFLOP/s of a large matmul in dtype, GB/s of a large copy), measured now on this device.
 
-    GPU: do_bench medians of an 8192^3 matmul and a 1 GiB copy. CPU: the best of at least 10
+    GPU: do_bench medians of an 8192^3 matmul and a 1 GiB copy. CPU: the best of at least 20
     interleaved runs of a 1024^3 matmul and a 64 MiB copy (twice the copy's bytes exceed the
     last-level cache): a peak is a best case, and on a shared machine a long median would measure
     the share of the cores this process got rather than what the cores can do."""
@@ -302,7 +305,7 @@ def measure_ceilings(device, dtype, timer):
         t_cp = gpu_bench(lambda: dst.copy_(src), timer.args.warmup_ms, timer.args.rep_ms)[0] * 1e-3
     else:
         samples, _ = common.time_rotating({"mm": lambda: torch.mm(a, b, out=c), "copy": lambda: dst.copy_(src)},
-                                          [()], warmup_rounds=2, min_rounds=10, min_seconds=0.3)
+                                          [()], warmup_rounds=2, min_rounds=20, min_seconds=0.5)
         t_mm, t_cp = min(samples["mm"]), min(samples["copy"])
     del a, b, c, src, dst
     if gpu:
@@ -374,6 +377,16 @@ def provider_fns(mod, shape, providers, compile_this, x):
     return fns, why
 
 
+def set_roofline(row, ceiling):
+    """Fill pct_roofline, bound and the ceiling columns of a measured row from its gflop, min_mb and
+    median: floor = max(flop / peak, bytes / bandwidth); pct_roofline = 100 x floor / median."""
+    tflops, gbs = ceiling
+    t_compute = row["gflop"] * 1e9 / (tflops * 1e12)
+    t_memory = row["min_mb"] * 1e6 / (gbs * 1e9)
+    row.update(ceiling_tflops=tflops, ceiling_gbs=gbs, pct_roofline=100.0 * max(t_compute, t_memory) / (
+        row["median_ms"] * 1e-3), bound="compute" if t_compute >= t_memory else "memory")
+
+
 def rel_diff(y, ref):
     y, ref = y.double(), ref.double()
     return ((y - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
@@ -398,14 +411,13 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
     fns, why = provider_fns(mod, shape, args.providers, compile_this, sets[0][0])
     flop, nbytes = shape.flops(batch), shape.min_bytes(batch, esize)
     conv_bytes = nbytes - (batch * shape.k * shape.p * shape.p * esize if shape.residual else 0) - 2 * shape.k * 4
-    ceil_tflops, ceil_gbs = ceilings[dtype_name]
     base = {
         "op": "conv_bn_act", "shape": shape.name, "role": shape.role,
         "models": " ".join(f"{m}:{n}" for m, n in shape.count.items()), "dtype": dtype_name, "batch": batch,
         "memory_format": fmt_name, "N": batch, "C": shape.c, "H": shape.h, "W": shape.h, "K": shape.k,
         "R": shape.r, "S": shape.r, "P": shape.p, "Q": shape.p, "stride": shape.stride, "padding": shape.padding,
-        "relu": int(shape.relu), "residual": int(shape.residual), "ceiling_tflops": ceil_tflops,
-        "ceiling_gbs": ceil_gbs, "timer": timer.name, "input_sets": n_sets, **env,
+        "relu": int(shape.relu), "residual": int(shape.residual), "timer": timer.name, "input_sets": n_sets,
+        **env,
     }
     rows = {}
     for p in args.providers:
@@ -441,8 +453,6 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
     load = loadavg()
     eager = results.get(BASELINE)
     for p, (med, p20, p80, best, n, share, paired) in results.items():
-        t_floor = max(flop / (ceil_tflops * 1e12), (conv_bytes if p == "conv_alone" else nbytes) / (ceil_gbs * 1e9))
-        compute_bound = flop / (ceil_tflops * 1e12) >= nbytes / (ceil_gbs * 1e9)
         rows[p].update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3,
                        min_ms=None if best is None else best * 1e3, samples=n, cpu_share=share, attempts=attempts,
                        speedup_vs_eager=eager[0] / med if eager else None,
@@ -451,8 +461,8 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
                        speedup_paired_p80=paired[2] if paired else None,
                        gflop=flop / 1e9, min_mb=(conv_bytes if p == "conv_alone" else nbytes) / 1e6,
                        tflops=flop / med / 1e12, gbs=(conv_bytes if p == "conv_alone" else nbytes) / med / 1e9,
-                       pct_roofline=100.0 * t_floor / med, bound="compute" if compute_bound else "memory",
                        loadavg_1m=load)
+        set_roofline(rows[p], ceilings[dtype_name])
     for p in rows:
         rows[p].setdefault("loadavg_1m", load)
     del mod, sets, fns, live
@@ -632,6 +642,17 @@ def main(argv=None):
         rows += bench_config(shape, d, b, f, args, device, timer, ceilings, env, shape.name in compile_names)
         write_csv(rows, csv_path)  # after every configuration: a run cut short keeps what it measured
     bar.close()
+    if device.type == "cpu":
+        # The peak is the best seen in the run: measured again at the end (a shared machine may have
+        # been busy at the start), and every row's roofline recomputed against the final ceilings.
+        for d in args.dtypes:
+            again = measure_ceilings(device, DTYPES[d], timer)
+            ceilings[d] = (max(ceilings[d][0], again[0]), max(ceilings[d][1], again[1]))
+            print(f"ceilings {d} (best of start and end): {ceilings[d][0]:.3f} TFLOP/s, {ceilings[d][1]:.1f} GB/s")
+        for r in rows:
+            if r.get("median_ms") is not None:
+                set_roofline(r, ceilings[r["dtype"]])
+        write_csv(rows, csv_path)
 
     md = render_markdown(rows, env, args, ceilings)
     print("\n" + md)

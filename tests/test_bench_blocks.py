@@ -118,7 +118,8 @@ def test_end_to_end_tiny_run_writes_csv_markdown_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["RESNET_KERNELS_CACHE_DIR"] = str(tmp_path / "cache")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_blocks.py"), "--shapes", "ds 1x1s2 64->128",
-           "--batch", "1", "--compile", "none", "--min-rounds", "3", "--min-time", "0", "--out", str(tmp_path)]
+           "--batch", "1", "--compile", "none", "--min-rounds", "3", "--min-time", "0", "--retries", "0",
+           "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     with open(tmp_path / "bench_blocks.csv", newline="") as f:
