@@ -402,6 +402,17 @@ def resolve(backend, x, weight, groups, call=None):
     return backend
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _interpreter_lock(t):
+    """Triton's CPU interpreter keeps the running program's state in globals, so two threads
+    interpreting kernels at once corrupt each other (seen as wrong results or InterpreterError).
+    Interpreted launches are serialised; GPU launches are not affected."""
+    import contextlib
+    return _INTERPRETER_LOCK if _INTERPRET and t.device.type != "cuda" else contextlib.nullcontext()
+
+
 def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     """Run a resolved backend (the op's CPU/CUDA implementation calls this)."""
     if backend == "torch":
@@ -411,8 +422,9 @@ def run(backend, x, weight, scale, shift, residual, stride, padding, dilation, g
     if not ok:
         raise BackendUnavailable(why)
     if backend == "triton":
-        return _triton_module().conv_bn_act(x, weight, scale, shift, residual, tuple(stride), tuple(padding),
-                                            tuple(dilation), relu)
+        with _interpreter_lock(x):
+            return _triton_module().conv_bn_act(x, weight, scale, shift, residual, tuple(stride), tuple(padding),
+                                                tuple(dilation), relu)
     if backend == "cuda":
         # The kernels write NHWC; the op's contract is the input's memory format. They read the
         # residual in x's dtype (an fp32 residual of fp16/bf16 x is rounded first).
@@ -463,8 +475,9 @@ def run_train(backend, x, weight, gamma, beta, residual, stride, padding, dilati
         raise BackendUnavailable(why)
     if backend == "cuda":
         return _cuda_conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu)
-    return _triton_train_module().conv_bn_train(x, weight, gamma, beta, residual, tuple(stride), tuple(padding),
-                                                tuple(dilation), eps, relu)
+    with _interpreter_lock(x):
+        return _triton_train_module().conv_bn_train(x, weight, gamma, beta, residual, tuple(stride),
+                                                    tuple(padding), tuple(dilation), eps, relu)
 
 
 def _cuda_conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu):
@@ -490,7 +503,8 @@ def _cuda_conv_bn_train(x, weight, gamma, beta, residual, stride, padding, dilat
 
 def run_train_backward(backend, grad, out, y, mean, var, gamma, eps, relu):
     if backend == "triton" and (y.is_cuda or _INTERPRET):
-        return _triton_train_module().bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu)
+        with _interpreter_lock(y):
+            return _triton_train_module().bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu)
     from . import reference
     return reference.bn_act_train_backward(grad, out, y, mean, var, gamma, eps, relu)
 
