@@ -14,6 +14,9 @@
 #   gpu_tests  pytest -m gpu tests/test_gpu_kernels.py                      -> $OUT/pytest.log, $OUT/pytest.xml
 #   bench_train  benchmarks/bench_train.py --device cuda --amp bf16 (last: cut first when time runs out)
 #   gpu_sm80   the cuda-backend tests again with RESNET_KERNELS_CUDA_FORCE_SM80=1 -> $OUT/pytest_sm80.log
+#   fuzz       RESNET_KERNELS_FUZZ=long pytest tests/test_fuzz.py (random configurations on cuda, triton, torch,
+#              auto vs float64; seeds past RESNET_KERNELS_FUZZ_SECONDS=60 skip) + the two-stream concurrency
+#              test                                                          -> $OUT/fuzz.log, $OUT/fuzz.xml
 #   sanitizer  compute-sanitizer memcheck on one vector-path and one C=3 call -> $OUT/sanitizer.log
 #   bench      benchmarks/bench_cuda_quick.py --quick                       -> $OUT/bench/, $OUT/bench.log
 #   blocks     benchmarks/bench_blocks.py --quick --device cuda --batch 256 --compile-shapes 1
@@ -141,6 +144,12 @@ run_step gpu_sm80 90 "$OUT/pytest_sm80.log" INT env RESNET_KERNELS_CUDA_FORCE_SM
   tests/test_gpu_kernels.py -q -rfEs -p no:cacheprovider \
   -k "cuda and (plan or resnet_conv_shapes or awkward or residual or misaligned)"
 
+# --- long fuzz tier (tests/test_fuzz.py): larger shapes on every GPU backend, time-boxed --------------------
+# A failing seed prints its configuration and `python tests/test_fuzz.py --seed N --device cuda`.
+run_step fuzz 80 "$OUT/fuzz.log" INT env RESNET_KERNELS_FUZZ=long RESNET_KERNELS_FUZZ_SEEDS=3000 \
+  RESNET_KERNELS_FUZZ_SECONDS=60 "$PY" -m pytest tests/test_fuzz.py tests/test_concurrency.py -q -rfE \
+  -k "test_fuzz or cuda_streams" --junitxml="$OUT/fuzz.xml" -p no:cacheprovider
+
 # --- compute-sanitizer --------------------------------------------------------------------------------------
 SAN=""
 for cand in "$(command -v compute-sanitizer 2>/dev/null)" \
@@ -210,6 +219,9 @@ run_step bench_train 150 "$OUT/bench_train.log" TERM "$PY" benchmarks/bench_trai
   for line in "${SUMMARY[@]}"; do echo "  $line"; done
   if [ -f "$OUT/pytest.log" ]; then
     echo "pytest: $(grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$OUT/pytest.log" | tail -n 1)"
+  fi
+  if [ -f "$OUT/fuzz.log" ]; then
+    echo "fuzz: $(grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$OUT/fuzz.log" | tail -n 1)"
   fi
   if [ -f "$OUT/sanitizer.log" ]; then
     echo "sanitizer: $(grep -E 'ERROR SUMMARY|not found' "$OUT/sanitizer.log" | tail -n 1)"
