@@ -54,7 +54,7 @@ import resnet_kernels as rk  # noqa: E402
 from resnet_kernels import backends  # noqa: E402
 
 LONG_BASE = 1_000_000
-FAST_SEEDS = 260
+FAST_SEEDS = 400
 TRITON_INTERP_MACS = 1.5e6  # the interpreter's budget per call (about 0.2 s)
 
 # ==================================================================================================
