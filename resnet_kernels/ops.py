@@ -69,8 +69,8 @@ def _backward(ctx, grad):
     stride, padding, dilation, groups = ctx.geometry
     need = ctx.needs_input_grad
     g = grad.float() if grad.dtype != scale.dtype else grad
-    if ctx.relu:
-        g = g * (out > 0)
+    if ctx.relu:  # torch.relu's backward (threshold_backward): zero where out <= 0, so a NaN output passes grad
+        g = g.masked_fill(out <= 0, 0.0)
     d_shift = g.sum((0, 2, 3)) if need[3] else None
     d_scale = None
     if need[2]:  # the pre-BN convolution output is recomputed rather than kept alive

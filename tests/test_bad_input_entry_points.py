@@ -352,3 +352,38 @@ def test_converted_model_bad_input_and_nan():
         x[1, 0, 5, 5] = float("nan")
         y, ref = fast(x), model(x)
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+
+
+# --- NaN/Inf through backward -----------------------------------------------------------------------------
+def _grads(f, x, params):
+    x = x.detach().clone().requires_grad_()
+    y = f(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    return [x.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend", _backend_params())
+def test_nan_inf_gradients_land_where_the_reference_puts_them(backend, mode):
+    """ReLU's backward passes the gradient where the output is NaN (torch's threshold_backward zeroes
+    only out <= 0): the fused ops' backward must put NaN in dx, dW, dgamma exactly where autograd
+    through the unfused modules does."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    randomize_bn(bn)
+    fused = rk.FusedConvBNAct.from_modules(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU(), backend=backend)
+    ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).double()
+    fused.train(mode == "train"), ref.train(mode == "train")
+    x = torch.randn(2, 4, 7, 7)
+    x[0, 1, 3, 3] = float("nan")
+    x[1, 2, 0, 6] = float("inf")
+    if mode == "train":  # batch statistics would make every output NaN: keep the bad values in one image
+        x[0, :, 0, 0] = float("nan")
+    got = _grads(fused, x, [fused.conv.weight, fused.bn.weight, fused.bn.bias])
+    want = _grads(ref, x.double(), [ref[0].weight, ref[1].weight, ref[1].bias])
+    for name, g, w in zip(("x", "weight", "gamma", "beta"), got, want):
+        assert g is not None and g.shape == w.shape, name
+        for f in (torch.isnan, torch.isinf):
+            assert torch.equal(f(g), f(w)), f"{name}.grad: {f.__name__} positions differ from autograd's"
+        fin = torch.isfinite(w)
+        torch.testing.assert_close(g.double()[fin], w[fin], rtol=1e-4, atol=1e-4, msg=f"{name}.grad")

@@ -108,7 +108,7 @@ def _bn_bwd_reduce_kernel(
     if RELU:
         o = tl.load(out_ptr + (n_img * son + p * sop + q * soq)[:, None] + (k64 * sok)[None, :], mask=mask,
                     other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)  # torch.relu's backward: a NaN output passes its grad
     y = tl.load(y_ptr + (n_img * syn + p * syp + q * syq)[:, None] + (k64 * syk)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
@@ -154,7 +154,7 @@ def _bn_bwd_apply_kernel(
     if RELU:
         o = tl.load(out_ptr + (n_img * son + p * sop + q * soq)[:, None] + (k64 * sok)[None, :], mask=mask,
                     other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)  # torch.relu's backward: a NaN output passes its grad
     y = tl.load(y_ptr + (n_img * syn + p * syp + q * syq)[:, None] + (k64 * syk)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
