@@ -16,7 +16,7 @@ bench_blocks_speedup_<dtype>.png (per shape, each provider's speedup vs eager in
 format; log scale: on CPU the paired speedup, median and p20..p80 over interleaved rounds of
 eager's time / the provider's; on GPU median(eager) / median, whiskers from the provider's p80..p20) and
 bench_blocks_roofline_<dtype>.png (per shape, each provider's % of the roofline floor measured in
-the same run; 100% = at the roofline).
+the same run; 100% = at the roofline). Hatched bars: timed while other processes took the cores.
 """
 from __future__ import annotations
 
@@ -117,6 +117,9 @@ BLOCK_COLORS = {"eager": "#9e9e9e", "conv_alone": "#d0d0d0", "compile": "#e0a030
                 "torch": "#5c8fbf", "triton": "#8e6bbf", "cuda": "#c0504d", "auto": "#2e9e5b"}
 
 
+CONTENDED_SHARE = 0.85  # bench_blocks.py --quiet-share's default
+
+
 def is_blocks_csv(rows):
     return bool(rows) and {"op", "shape", "provider", "memory_format", "pct_roofline"} <= set(rows[0])
 
@@ -147,23 +150,31 @@ def _block_panels(rows, png_path, metric, ylabel, title, providers_filter, log=F
     width = 0.8 / max(len(providers), 1)
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(8.0, 1.0 + 0.55 * len(shapes) * max(len(providers), 2) / 3),
                                                       3.6 * len(groups) + 1.2), squeeze=False)
+    any_busy = False
     for ax, ((batch, fmt), rs) in zip(axes[:, 0], groups):
         by = {(r["shape"], r["provider"]): r for r in rs}
         lows, tops = [], []
         for i, prov in enumerate(providers):
-            xs, hs, lo, hi = [], [], [], []
+            xs, hs, lo, hi, busy = [], [], [], [], []
             for j, s in enumerate(shapes):
                 r = by.get((s, prov))
                 v = metric(r, by.get((s, "eager"))) if r else None
                 if v is None:
                     continue
+                share = _float(r.get("cpu_share"))
+                busy.append(share is not None and share < CONTENDED_SHARE)
                 xs.append(j + (i - (len(providers) - 1) / 2) * width)
                 hs.append(v[0])
                 lo.append(max(v[0] - v[1], 0.0))
                 hi.append(max(v[2] - v[0], 0.0))
             if xs:
-                ax.bar(xs, hs, width * 0.92, yerr=[lo, hi], capsize=2, label=prov, color=BLOCK_COLORS.get(prov),
-                       edgecolor="black", linewidth=0.4, error_kw={"linewidth": 0.6})
+                bars = ax.bar(xs, hs, width * 0.92, yerr=[lo, hi], capsize=2, label=prov,
+                              color=BLOCK_COLORS.get(prov), edgecolor="black", linewidth=0.4,
+                              error_kw={"linewidth": 0.6})
+                for bar, b in zip(bars, busy):
+                    if b:
+                        bar.set_hatch("///")
+                        any_busy = True
                 lows += [h - d for h, d in zip(hs, lo)]
                 tops += [h + d for h, d in zip(hs, hi)]
         if ref_line is not None:
@@ -189,7 +200,10 @@ def _block_panels(rows, png_path, metric, ylabel, title, providers_filter, log=F
                  f"torch {first.get('torch_version', '?')}, triton {first.get('triton_version', '?')}, "
                  f"resnet_kernels {first.get('resnet_kernels_version', '?')}, commit {first.get('git_commit', '?')}, "
                  f"{first.get('timestamp', '')}", fontsize=8)
-    fig.tight_layout()
+    if any_busy:
+        fig.text(0.01, 0.002, f"hatched: timed while other processes took the cores (CPU share < {CONTENDED_SHARE}); "
+                 "an upper bound on the time", fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.01 if any_busy else 0, 1, 1))
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
