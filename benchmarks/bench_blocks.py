@@ -72,9 +72,6 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Never time the Triton interpreter (a correctness tool): must go before resnet_kernels is imported.
-    del os.environ["TRITON_INTERPRET"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:  # `python benchmarks/bench_blocks.py` from anywhere
@@ -602,6 +599,12 @@ _SHAPES_PER_MODEL = {}  # {model: number of distinct shapes}, filled by main fro
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    # Never time the Triton interpreter (a correctness tool): it must be off before resnet_kernels
+    # is imported (its backend table is read once, at import).
+    if "resnet_kernels" in sys.modules and sys.modules["resnet_kernels"].backends._INTERPRET:
+        raise SystemExit("bench_blocks: resnet_kernels was imported with TRITON_INTERPRET=1 in this process; "
+                         "run the benchmark in a fresh process without it")
+    os.environ.pop("TRITON_INTERPRET", None)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
