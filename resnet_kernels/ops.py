@@ -148,8 +148,14 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _check_eps(eps):
+    if eps <= 0.0:  # F.batch_norm's own rule and message (after the batch-size rule, as there)
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def _conv_bn_train_kernel(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu, backend):
     shape, fmt = _check_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups)
+    _check_eps(eps)
     if shape[0] * shape[2] * shape[3] == 0:
         # An empty batch: nn.BatchNorm2d returns an empty output; there are no statistics (NaN), and
         # fused_conv_bn_train leaves the running statistics as they are (num_batches_tracked still counts).
@@ -184,6 +190,7 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake(TRAIN_QUALNAME)
 def _conv_bn_train_fake(x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu, backend):
     shape, fmt = _check_train(x, weight, gamma, beta, residual, stride, padding, dilation, groups)
+    _check_eps(eps)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     stat = lambda: torch.empty(shape[1], dtype=_stat_dtype(x), device=x.device)  # noqa: E731

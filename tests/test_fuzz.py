@@ -22,8 +22,13 @@ has x's dtype and follows x's memory format. A backend that cannot serve a confi
 represent outputs beyond 65504: for fp16 draws |gamma| is capped so the true output stays below
 1e4 (huge scales still occur: tiny variance with a small gamma).
 
+Training mode (test_fuzz_train) reuses the draws: fused_conv_bn_train's output, running statistics
+(momentum incl. None), num_batches_tracked and the gradients of x, weight, gamma, beta, residual
+vs float64 autograd through conv2d -> F.batch_norm(training=True); nn.BatchNorm2d's refusals (one
+value per channel, eps <= 0 in training) must come with its message.
+
 Tiers
-- fast (default; CI): FAST_SEEDS seeds on CPU; torch and auto on every seed, the Triton
+- fast (default; CI): FAST_SEEDS (+ FAST_TRAIN_SEEDS training) seeds on CPU; torch and auto on every seed, the Triton
   interpreter on the seeds small enough for it (TRITON_INTERP_MACS).
 - long: ``RESNET_KERNELS_FUZZ=long`` (``RESNET_KERNELS_FUZZ_SEEDS``, default 3000;
   ``RESNET_KERNELS_FUZZ_SECONDS``: seeds after that much time are skipped with that reason):
@@ -34,6 +39,7 @@ Tiers
 Reproduce a failure (the seed is in the test id and in the message):
     python tests/test_fuzz.py --seed N [--device cuda]     # run it, print each backend's ERR
     python tests/test_fuzz.py --repro N > repro.py          # a standalone script (torch + resnet_kernels)
+    python tests/test_fuzz.py --train --seed N              # a training-mode seed
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from resnet_kernels import backends  # noqa: E402
 
 LONG_BASE = 1_000_000
 FAST_SEEDS = 400
+FAST_TRAIN_SEEDS = 150
 TRITON_INTERP_MACS = 1.5e6  # the interpreter's budget per call (about 0.2 s)
 
 # ==================================================================================================
@@ -273,13 +280,14 @@ def err_finite(y, ref, fin=None):
     return (d / (ref[fin].abs().max() + 1e-6)).item()
 
 
-def compare(y, ref64, eager, x, dtype):
-    """[] when y is right: dtype, shape, memory format, non-finite positions, the tolerance rule."""
+def compare(y, ref64, eager, x, dtype, check_layout=True, floor=None):
+    """[] when y is right: dtype, shape, memory format, non-finite positions, the tolerance rule
+    (floor: FLOOR[dtype] unless given)."""
     problems = []
     if y.dtype != dtype or tuple(y.shape) != tuple(ref64.shape):
         return [f"got {y.dtype} {tuple(y.shape)}, want {dtype} {tuple(ref64.shape)}"]
     fmt = torch.channels_last if backends.is_channels_last(x) else torch.contiguous_format
-    if not y.is_contiguous(memory_format=fmt):
+    if check_layout and not y.is_contiguous(memory_format=fmt):
         problems.append(f"output strides {y.stride()} do not follow x's memory format {fmt}")
     yc = y.detach().double().cpu()
     ec = eager.detach().double().cpu()
@@ -297,7 +305,7 @@ def compare(y, ref64, eager, x, dtype):
     # The rule over the positions where the oracle, the fused op and PyTorch's own ops are all finite.
     both = torch.isfinite(ref64) & torch.isfinite(yc) & torch.isfinite(ec)
     e, e_eager = err_finite(yc, ref64, both), err_finite(ec, ref64, both)
-    bound = max(FLOOR[dtype], 2.0 * e_eager)
+    bound = max(FLOOR[dtype] if floor is None else floor, 2.0 * e_eager)
     if not e <= bound:
         problems.append(f"ERR={e:.3g} > bound {bound:.3g} (eager ERR {e_eager:.3g})")
     return problems
@@ -343,6 +351,129 @@ def run_seed(seed, device="cpu", backends_to_run=None, triton_macs=None, triton_
             fin = torch.isfinite(ref64) & torch.isfinite(yc) & torch.isfinite(ec)
             print(f"  {name:7s} ERR {err_finite(yc, ref64, fin):.3g} (eager {err_finite(ec, ref64, fin):.3g}, "
                   f"floor {FLOOR[dtype]:g}): {'ok' if not out[name] else out[name]}")
+    return out
+
+
+# --- training mode: BN with batch statistics, running-stat updates and gradients -------------------------------
+def draw_train(seed):
+    """An inference draw reused for training: no conv bias (a biased conv is not fused in training),
+    BN buffers fp32 (fp64 for fp64), plus momentum (incl. None: cumulative average) and a start count."""
+    cfg = dict(draw(seed), conv_bias=False)
+    rnd = random.Random(seed + 7_000_000)
+    cfg["bn_dtype"] = "float64" if cfg["dtype"] == "float64" else "float32"
+    cfg["momentum"] = rnd.choice([0.1, None, 0.0, 1.0, round(rnd.uniform(0.0, 1.0), 4)])
+    cfg["nbt0"] = rnd.choice([0, 0, 1, 5])
+    return cfg
+
+
+def _train_forward(cfg, x, w, gamma, beta, res, rm, rv, eps_dtype=None):
+    """The unfused modules in training mode (the running buffers rm/rv are updated in place)."""
+    nbt = cfg["nbt0"] + 1
+    factor = (1.0 / nbt) if cfg["momentum"] is None else cfg["momentum"]
+    y = F.conv2d(x, w, None, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
+    y = F.batch_norm(y, rm, rv, gamma, beta, True, factor, cfg["eps"])
+    if res is not None:
+        y = y + res
+    return y.relu() if cfg["relu"] else y
+
+
+def run_seed_train(seed, device="cpu", backends_to_run=None, triton_macs=None, verbose=False):
+    """Training-mode check of every backend on one seed: out, running stats, num_batches_tracked and
+    the gradients of x, weight, gamma, beta (and residual) vs float64 autograd through the modules."""
+    cfg = draw_train(seed)
+    t, e = build(cfg, device)
+    dtype = DTYPES[cfg["dtype"]]
+    res_leaf = cfg["residual"] not in ("none", "expanded", "alias_x")
+
+    def leaves(src, dev, dt=None):
+        x = src["x"].detach().to(dev).requires_grad_()
+        w = src["weight"].detach().to(dev).requires_grad_()
+        g = src["gamma"].detach().to(dev).requires_grad_()
+        b = src["beta"].detach().to(dev).requires_grad_()
+        r = src["residual"]
+        r = None if r is None else (r.detach().to(dev).requires_grad_() if res_leaf else r.detach().to(dev))
+        if cfg["residual"] == "alias_x":
+            r = x
+        return x, w, g, b, r
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(cfg["n"], cfg["k"], cfg["p"], cfg["q"], generator=gen, dtype=torch.float64)
+    exact = dict(x=e["x"], weight=e["weight"], gamma=e["gamma"], beta=e["beta"], residual=e["residual"])
+    mine = dict(x=t["x"], weight=t["weight"], gamma=t["bn"]["weight"], beta=t["bn"]["bias"], residual=t["residual"])
+
+    def run_ref(src, dev, rm, rv):
+        x, w, g, b, r = leaves(src, dev)
+        out = _train_forward(cfg, x, w, g, b, r, rm, rv)
+        out.backward(grad_out.to(dev, out.dtype))
+        grads = [x.grad, w.grad, g.grad, b.grad] + ([r.grad] if res_leaf else [])
+        return out.detach(), [None if v is None else v.detach() for v in grads]
+
+    want = None
+    try:
+        run_ref(exact, "cpu", e["mean"].clone(), e["var"].clone())
+    except ValueError as ex:  # one value per channel, or eps=0 in training
+        want = str(ex)
+    if want is not None:  # nn.BatchNorm2d refuses this call; so must every backend, with its message
+        out = {}
+        for name in backends_to_run or (backends.available_backends() + ["auto"]):
+            try:
+                x, w, g, b, r = leaves(mine, device)
+                rk.fused_conv_bn_train(x, w, g, b, r, stride=cfg["stride"], padding=cfg["padding"],
+                                       dilation=cfg["dilation"], groups=cfg["groups"], eps=cfg["eps"],
+                                       relu=cfg["relu"], backend=name)
+                out[name] = [f"no ValueError for one value per channel (the modules raise {want!r})"]
+            except ValueError as ex:
+                out[name] = [] if str(ex) == want else [f"ValueError {ex} != the modules' {want!r}"]
+            except backends.BackendUnavailable:
+                out[name] = []
+        return out
+
+    rm64, rv64 = e["mean"].clone(), e["var"].clone().clamp_min(1e-3)  # running buffers: any positive start
+    ref_out, ref_grads = run_ref(exact, "cpu", rm64, rv64)
+    rm_e, rv_e = t["bn"]["running_mean"].clone(), rv64.to(device, t["bn"]["running_var"].dtype)
+    eager_out, eager_grads = run_ref(mine, device, rm_e, rv_e)
+    macs = cfg["n"] * cfg["k"] * cfg["p"] * cfg["q"] * (cfg["c"] // cfg["groups"]) * cfg["r"] * cfg["s"]
+    out = {}
+    for name in backends_to_run or (backends.available_backends() + ["auto"]):
+        x, w, g, b, r = leaves(mine, device)
+        if name != "auto":
+            ok, why = backends.supports_train(name, x, w, cfg["groups"])
+            if not ok:
+                try:
+                    rk.fused_conv_bn_train(x, w, g, b, r, stride=cfg["stride"], padding=cfg["padding"],
+                                           dilation=cfg["dilation"], groups=cfg["groups"], relu=cfg["relu"],
+                                           backend=name)
+                    out[name] = [f"backend {name!r} cannot train this call ({why}) but did not raise"]
+                except backends.BackendUnavailable:
+                    out[name] = []
+                continue
+            if name == "triton" and x.device.type == "cpu" and triton_macs is not None and macs > triton_macs:
+                out[name] = ["skipped: too large for the Triton interpreter"]
+                continue
+        rm = t["bn"]["running_mean"].clone()
+        rv = rv64.to(device, t["bn"]["running_var"].dtype)
+        nbt = torch.tensor(cfg["nbt0"], device=device)
+        y = rk.fused_conv_bn_train(x, w, g, b, r, running_mean=rm, running_var=rv, num_batches_tracked=nbt,
+                                   momentum=cfg["momentum"], eps=cfg["eps"], stride=cfg["stride"],
+                                   padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"],
+                                   relu=cfg["relu"], backend=name)
+        y.backward(grad_out.to(device, y.dtype))
+        grads = [x.grad, w.grad, g.grad, b.grad] + ([r.grad] if res_leaf else [])
+        problems = [f"out: {p}" for p in compare(y.detach(), ref_out, eager_out, t["x"], dtype)]
+        for label, gv, want, eg in zip(("dx", "dweight", "dgamma", "dbeta", "dresidual"), grads, ref_grads,
+                                       eager_grads):
+            if gv is None or tuple(gv.shape) != tuple(want.shape):
+                problems.append(f"{label}: missing or wrong shape")
+                continue
+            # gradients carry x's precision (an fp32 residual's gradient comes from the fp16 output)
+            problems += [f"{label}: {p}" for p in compare(gv, want, eg, gv, gv.dtype, False, FLOOR[dtype])]
+        if int(nbt) != cfg["nbt0"] + 1:
+            problems.append(f"num_batches_tracked {int(nbt)} != {cfg['nbt0'] + 1}")
+        for label, got, want, eg in (("running_mean", rm, rm64, rm_e), ("running_var", rv, rv64, rv_e)):
+            problems += [f"{label}: {p}" for p in compare(got, want, eg, got, got.dtype, False, FLOOR[dtype])]
+        out[name] = problems
+        if verbose:
+            print(f"  {name:7s} {'ok' if not problems else problems}")
     return out
 
 
@@ -428,9 +559,29 @@ def test_fuzz(seed):
     _check_seed(seed)
 
 
+TRAIN_SEEDS = SEEDS[:len(SEEDS) // 2] if _LONG else list(range(FAST_TRAIN_SEEDS))
+
+
+def test_fuzz_train(train_seed):
+    """Training mode on the same draws: output, running statistics, num_batches_tracked and the
+    gradients vs float64 autograd through the modules; nn.BatchNorm2d's refusals (one value per
+    channel, eps <= 0) must be raised with its message."""
+    import pytest
+    limit = os.environ.get("RESNET_KERNELS_FUZZ_SECONDS")
+    if limit and _DEADLINE[0] is not None and time.monotonic() > _DEADLINE[0]:
+        pytest.skip(f"RESNET_KERNELS_FUZZ_SECONDS={limit} used up")
+    results = run_seed_train(train_seed, _DEVICE, triton_macs=None if _DEVICE == "cuda" else TRITON_INTERP_MACS)
+    bad = {name: p for name, p in results.items() if p and not p[0].startswith("skipped")}
+    dev = " --device cuda" if _DEVICE == "cuda" else ""
+    assert not bad, f"train seed {train_seed}: {draw_train(train_seed)}\n" + "\n".join(
+        f"  {n}: {p}" for n, p in bad.items()) + f"\nreproduce: python tests/test_fuzz.py --train --seed {train_seed}{dev}"
+
+
 def pytest_generate_tests(metafunc):  # ids "seed=N": `pytest -k "seed=17]"` reruns one
     if "seed" in metafunc.fixturenames:
         metafunc.parametrize("seed", SEEDS, ids=[f"seed={s}" for s in SEEDS])
+    if "train_seed" in metafunc.fixturenames:
+        metafunc.parametrize("train_seed", TRAIN_SEEDS, ids=[f"seed={s}" for s in TRAIN_SEEDS])
 
 
 def test_fuzz_space_is_covered():
@@ -522,6 +673,7 @@ def main(argv=None):
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--seed", type=int, help="run one seed on every available backend and print the result")
     group.add_argument("--repro", type=int, metavar="SEED", help="print a standalone reproducer script for SEED")
+    ap.add_argument("--train", action="store_true", help="the training-mode check of the seed (with --seed)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     a = ap.parse_args(argv)
     torch.backends.cudnn.allow_tf32 = False
@@ -529,8 +681,12 @@ def main(argv=None):
     if a.repro is not None:
         print(standalone_source(a.repro, a.device))
         return 0
-    print(draw(a.seed))
-    res = run_seed(a.seed, a.device, verbose=True)
+    if a.train:
+        print(draw_train(a.seed))
+        res = run_seed_train(a.seed, a.device, verbose=True)
+    else:
+        print(draw(a.seed))
+        res = run_seed(a.seed, a.device, verbose=True)
     bad = {n: p for n, p in res.items() if p and not p[0].startswith("skipped")}
     print("WRONG:" if bad else "all backends agree with the float64 oracle", bad or "")
     return 1 if bad else 0

@@ -235,10 +235,14 @@ def _conv_bn_act_kernel(
         # sum and its sum of squared deviations from the tile mean (Chan et al. combine the tiles
         # on the host; deviations, not raw squares, so a large mean cannot cancel the variance).
         # Plain stores, one slot per tile: deterministic, and safe under autotuning reruns.
+        # The statistics are those of y as stored (rounded to the output dtype), like BatchNorm on
+        # the eager conv's output: normalising stored values with statistics of unrounded ones is
+        # off by the rounding / std for a channel whose spread is small next to its mean.
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        accm = tl.where(mn_mask, acc, 0.0)
+        acc_r = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        accm = tl.where(mn_mask, acc_r, 0.0)
         tsum = tl.sum(accm, axis=0)
-        dev = tl.where(mn_mask, acc - (tsum / cnt)[None, :], 0.0)
+        dev = tl.where(mn_mask, acc_r - (tsum / cnt)[None, :], 0.0)
         tm2 = tl.sum(dev * dev, axis=0)
         tl.store(psum_ptr + pid_m.to(tl.int64) * K + offs_n, tsum, mask=n_mask)
         tl.store(pm2_ptr + pid_m.to(tl.int64) * K + offs_n, tm2, mask=n_mask)
