@@ -28,8 +28,8 @@ vs float64 autograd through conv2d -> F.batch_norm(training=True); nn.BatchNorm2
 value per channel, eps <= 0 in training) must come with its message.
 
 Tiers
-- fast (default; CI): FAST_SEEDS (+ FAST_TRAIN_SEEDS training) seeds on CPU; torch and auto on every seed, the Triton
-  interpreter on the seeds small enough for it (TRITON_INTERP_MACS).
+- fast (default; CI): FAST_SEEDS (+ FAST_TRAIN_SEEDS training) seeds on CPU; torch and auto on
+  every seed, the Triton interpreter on the seeds small enough for it (TRITON_INTERP_MACS).
 - long: ``RESNET_KERNELS_FUZZ=long`` (``RESNET_KERNELS_FUZZ_SEEDS``, default 3000;
   ``RESNET_KERNELS_FUZZ_SECONDS``: seeds after that much time are skipped with that reason):
   larger shapes (batch 16, 256 channels, 225x225); on a CUDA machine the tensors live on the GPU and
@@ -533,6 +533,16 @@ def _known_onednn_relu_nan(seed, problems):
     return all(p.startswith(("NaN positions", "+inf positions")) for p in problems)
 
 
+def _time_is_up(share):
+    """RESNET_KERNELS_FUZZ_SECONDS: True once `share` of it has passed since the first fuzz seed ran."""
+    limit = os.environ.get("RESNET_KERNELS_FUZZ_SECONDS")
+    if not limit:
+        return False
+    if _DEADLINE[0] is None:
+        _DEADLINE[0] = time.monotonic()
+    return time.monotonic() - _DEADLINE[0] > share * float(limit)
+
+
 def _repro_hint(seed):
     dev = " --device cuda" if _DEVICE == "cuda" else ""
     return f"reproduce: python tests/test_fuzz.py --seed {seed}{dev}   (standalone: --repro {seed})"
@@ -540,12 +550,8 @@ def _repro_hint(seed):
 
 def _check_seed(seed):
     import pytest
-    limit = os.environ.get("RESNET_KERNELS_FUZZ_SECONDS")
-    if limit:
-        if _DEADLINE[0] is None:
-            _DEADLINE[0] = time.monotonic() + float(limit)
-        elif time.monotonic() > _DEADLINE[0]:
-            pytest.skip(f"RESNET_KERNELS_FUZZ_SECONDS={limit} used up")
+    if _time_is_up(0.65):  # the inference seeds get 65% of the time box, training seeds the rest
+        pytest.skip(f"RESNET_KERNELS_FUZZ_SECONDS={os.environ.get('RESNET_KERNELS_FUZZ_SECONDS')} used up")
     results = run_seed(seed, _DEVICE, triton_macs=None if _DEVICE == "cuda" else TRITON_INTERP_MACS,
                        triton_config=_pinned_triton_config())
     bad = {name: p for name, p in results.items() if p and not p[0].startswith("skipped")}
@@ -567,9 +573,8 @@ def test_fuzz_train(train_seed):
     gradients vs float64 autograd through the modules; nn.BatchNorm2d's refusals (one value per
     channel, eps <= 0) must be raised with its message."""
     import pytest
-    limit = os.environ.get("RESNET_KERNELS_FUZZ_SECONDS")
-    if limit and _DEADLINE[0] is not None and time.monotonic() > _DEADLINE[0]:
-        pytest.skip(f"RESNET_KERNELS_FUZZ_SECONDS={limit} used up")
+    if _time_is_up(1.0):
+        pytest.skip(f"RESNET_KERNELS_FUZZ_SECONDS={os.environ.get('RESNET_KERNELS_FUZZ_SECONDS')} used up")
     results = run_seed_train(train_seed, _DEVICE, triton_macs=None if _DEVICE == "cuda" else TRITON_INTERP_MACS)
     bad = {name: p for name, p in results.items() if p and not p[0].startswith("skipped")}
     dev = " --device cuda" if _DEVICE == "cuda" else ""
