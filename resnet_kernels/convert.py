@@ -166,7 +166,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False, c
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter is not None and not callable(filter):
-        raise TypeError(f"filter must be None or a callable (module, qualified_name) -> bool, got {type(filter).__name__}")
+        raise TypeError("filter must be None or a callable (module, qualified_name) -> bool, got "
+                        f"{type(filter).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     conv = _Converter(model, backend, filter)

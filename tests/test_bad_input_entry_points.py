@@ -201,7 +201,8 @@ TRAIN_CASES = [
     ("gamma integer", twith(gamma=lambda d: d["gamma"].long()), (E, TypeError, r"gamma must be a floating-point")),
     ("x rank", twith(x=lambda d: d["x"][0]), (E, ValueError, r"x must be a 4-D tensor")),
     ("channel count", twith(x=lambda d: d["x"][:, :6]), (E, ValueError, r"x has C=6 channels")),
-    ("gamma length", twith(gamma=lambda d: d["gamma"][:4]), (E, ValueError, r"gamma must be None or a 1-D tensor of the K=16")),
+    ("gamma length", twith(gamma=lambda d: d["gamma"][:4]),
+     (E, ValueError, r"gamma must be None or a 1-D tensor of the K=16")),
     ("running_mean length", twith(running_mean=torch.zeros(8)),
      (E, ValueError, r"running_mean must be a 1-D tensor of the K=16")),
     ("residual shape", twith(residual=lambda d: d["residual"][:, :8]),
@@ -256,8 +257,9 @@ def _modules():
     basic, bottle = BasicBlock(8, 8), Bottleneck(8, 2)
     for m in (conv_bn, basic, bottle):
         randomize_bn(m)
-    return {"FusedConvBNAct": (conv_bn, None), "FusedBasicBlock": (rk.FusedBasicBlock.from_block(
-        copy.deepcopy(basic)), basic), "FusedBottleneck": (rk.FusedBottleneck.from_block(copy.deepcopy(bottle)), bottle)}
+    return {"FusedConvBNAct": (conv_bn, None),
+            "FusedBasicBlock": (rk.FusedBasicBlock.from_block(copy.deepcopy(basic)), basic),
+            "FusedBottleneck": (rk.FusedBottleneck.from_block(copy.deepcopy(bottle)), bottle)}
 
 
 def _module_ref(name, fused, ref_mod, x, residual):

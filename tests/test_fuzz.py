@@ -579,7 +579,8 @@ def test_fuzz_train(train_seed):
     bad = {name: p for name, p in results.items() if p and not p[0].startswith("skipped")}
     dev = " --device cuda" if _DEVICE == "cuda" else ""
     assert not bad, f"train seed {train_seed}: {draw_train(train_seed)}\n" + "\n".join(
-        f"  {n}: {p}" for n, p in bad.items()) + f"\nreproduce: python tests/test_fuzz.py --train --seed {train_seed}{dev}"
+        f"  {n}: {p}" for n, p in bad.items()) + \
+        f"\nreproduce: python tests/test_fuzz.py --train --seed {train_seed}{dev}"
 
 
 def pytest_generate_tests(metafunc):  # ids "seed=N": `pytest -k "seed=17]"` reruns one

@@ -2,8 +2,8 @@
 
 x is fp16 [1, 1, 65536, 32769] = 2,147,549,184 elements (> 2^31 = 2,147,483,648; 4.3 GB), a 3x3
 stride-3 convolution to one channel with BN, an expand()ed residual (stride 0) and ReLU: the output
-is ~2.4e8 elements; the process peaks at 9.6 GB (the fp16 CPU convolution unfolds x once). x[h, w] = a[h] + b[w] with random a, b, so
-an element read from a wrong row or column gives a different value. Checked against float64 at
+is ~2.4e8 elements; the process peaks at 9.6 GB (the fp16 CPU convolution unfolds x once).
+x[h, w] = a[h] + b[w] with random a, b, so an element read from a wrong row or column gives a different value. Checked against float64 at
 sampled output positions, including the last rows and columns (whose inputs lie beyond 2^31).
 Skipped with the reason when the machine has too little free memory.
 
@@ -13,7 +13,6 @@ program over billions of elements), so it is not run here.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import resnet_kernels as rk
 
