@@ -4,6 +4,12 @@
     python benchmarks/bench_blocks.py                               # all 34 shapes, batch 1 and 8 (CPU)
     python benchmarks/bench_blocks.py --device cuda --dtype float16,bfloat16 --batch 1,32,256
 
+Rows of two kinds (--ops): `conv_bn_act`, one fused op per shape, and `block`, a whole
+torchvision BasicBlock / Bottleneck (eval) against resnet_kernels' FusedBasicBlock / FusedBottleneck
+(the 15 distinct blocks of the four models; --quick: 3 of them). For blocks, flop is the sum over its
+convs and min_bytes reads x and the weights and writes y once (intermediates not counted: the floor
+of a block fused end to end).
+
 Shapes (benchmarks/shapes.py): the 34 distinct conv -> BN (-> + shortcut) (-> ReLU) geometries of
 torchvision ResNet-18/34/50/101 at 224x224, derived from the models themselves: the stem, every
 block conv (BasicBlock 3x3s, Bottleneck 1x1/3x3/1x1, the last one with the residual), every
@@ -103,7 +109,7 @@ except ImportError:  # a bare GPU machine may lack tqdm: print one line per conf
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_cuda_quick import EagerConvBN  # noqa: E402  (conv -> bn -> (+res) -> relu_, op by op)
 from benchmarks.bench_cuda_quick import bench as gpu_bench  # noqa: E402  (do_bench: median, p20, p80 in ms)
-from benchmarks.shapes import quick_shapes, resnet_shapes  # noqa: E402
+from benchmarks.shapes import QUICK_BLOCKS, quick_shapes, resnet_shapes  # noqa: E402
 
 PROVIDERS = ("eager", "conv_alone", "compile", "compile_max_autotune", "torch", "triton", "cuda", "auto")
 BACKENDS = ("torch", "triton", "cuda", "auto")
@@ -149,10 +155,14 @@ def parse_args(argv=None):
     p.add_argument("--providers", default=None,
                    help=f"comma-separated subset of {PROVIDERS} (default: all; --quick leaves out "
                         "compile_max_autotune, whose autotuning takes minutes per shape)")
-    p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep")
+    p.add_argument("--shapes", default="", help="comma-separated substrings of shape (and block) names to keep")
+    p.add_argument("--ops", default="conv_bn_act,block",
+                   help="conv_bn_act (one fused op per shape), block (whole BasicBlock/Bottleneck), or both")
     p.add_argument("--compile", dest="compile_mode", default="some", choices=("some", "all", "none"),
-                   help="torch.compile the first --compile-shapes shapes (some, default), every shape, or none")
-    p.add_argument("--compile-shapes", type=int, default=3, help="how many shapes 'some' compiles (default 3)")
+                   help="torch.compile the first --compile-shapes shapes and the first block (some, default), "
+                        "everything, or nothing")
+    p.add_argument("--compile-shapes", type=int, default=3,
+                   help="how many conv_bn_act shapes 'some' compiles (default 3; 0: no block either)")
     p.add_argument("--min-rounds", type=int, default=None, help="CPU: timed rounds at least (default 30, quick 20)")
     p.add_argument("--min-time", type=float, default=None,
                    help="CPU: seconds of timed calls per configuration at least (default 3.0, quick 1.5)")
@@ -181,6 +191,7 @@ def parse_args(argv=None):
     if not args.batches or min(args.batches) < 1:
         p.error("--batch: comma-separated positive integers")
     args.formats = _csv_list(args.formats, FORMATS, "formats")
+    args.ops = _csv_list(args.ops, ("conv_bn_act", "block"), "ops")
     args.providers = _csv_list(args.providers or ",".join(p for p in PROVIDERS if not (
         args.quick and p == "compile_max_autotune")), PROVIDERS, "providers")
     if BASELINE not in args.providers:
@@ -402,8 +413,8 @@ def auto_choice(mod, shape, x, res):
 
 
 def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilings, env, compile_this):
+    """Rows of one conv_bn_act shape x dtype x batch x memory format, one per provider."""
     dtype, fmt = DTYPES[dtype_name], FORMATS[fmt_name]
-    tol = AGREE_TOL[dtype] * (50 if dtype == torch.float32 and env.get("tf32") == 1 else 1)  # TF32: ~1e-3
     esize = torch.empty((), dtype=dtype).element_size()
     n_sets = input_sets_needed(shape, batch, esize, device)
     mod, sets = build(shape, batch, dtype, fmt, device, args.seed, n_sets)
@@ -418,32 +429,112 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
         "relu": int(shape.relu), "residual": int(shape.residual), "timer": timer.name, "input_sets": n_sets,
         **env,
     }
+    rows = measure(base, mod, fns, why, sets, args, timer, ceilings[dtype_name], env, flop,
+                   {p: (conv_bytes if p == "conv_alone" else nbytes) for p in fns},
+                   auto_backend=lambda: auto_choice(mod, shape, *sets[0]))
+    del mod, sets, fns
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def build_block(block, batch, dtype, fmt, device, seed, n_sets):
+    """(eval torchvision block with realistic BN statistics, [input sets (x,)])."""
+    torch.manual_seed(seed)
+    mod = block.build()
+    with torch.no_grad():
+        for m in mod.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.25, 1.75)
+                m.weight.uniform_(0.2, 1.2)
+                m.bias.normal_(0.0, 0.3)
+    mod = mod.eval().to(device=device, dtype=dtype, memory_format=fmt)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    sets = [(torch.randn(batch, block.inplanes, block.h, block.h, device=device, generator=g).to(dtype).contiguous(
+        memory_format=fmt),) for _ in range(n_sets)]
+    return mod, sets
+
+
+def bench_block_config(block, dtype_name, batch, fmt_name, args, device, timer, ceilings, env, compile_this):
+    """Rows of one whole residual block (torchvision eval block vs resnet_kernels' fused block)."""
+    import resnet_kernels as rk
+    from resnet_kernels import backends
+
+    dtype, fmt = DTYPES[dtype_name], FORMATS[fmt_name]
+    esize = torch.empty((), dtype=dtype).element_size()
+    per_set = batch * block.inplanes * block.h * block.h * esize
+    n_sets = 1 if device.type == "cuda" else int(min(64, max(2, math.ceil(
+        2 * common.last_level_cache_bytes() / per_set))))
+    mod, sets = build_block(block, batch, dtype, fmt, device, args.seed, n_sets)
+    fused_cls = rk.FusedBasicBlock if block.kind == "BasicBlock" else rk.FusedBottleneck
+    fns, why = {}, {}
+    for p in args.providers:
+        if p == "eager":
+            fns[p] = mod
+        elif p == "conv_alone":
+            why[p] = "skipped: conv_bn_act rows only"
+        elif p in ("compile", "compile_max_autotune"):
+            if not compile_this:
+                why[p] = "skipped: not compiled for this block (--compile all to include)"
+                continue
+            fns[p] = torch.compile(mod, mode="max-autotune-no-cudagraphs" if p == "compile_max_autotune" else None,
+                                   dynamic=False)
+        else:
+            if p != "auto":
+                ok, reason = backends.supports(p, sets[0][0], mod.conv1.weight, 1)
+                if not ok:
+                    why[p] = f"unavailable: {reason}"
+                    continue
+            fns[p] = fused_cls.from_block(mod, backend=p).eval()
+    base = {
+        "op": "block", "shape": block.name, "role": block.kind,
+        "models": " ".join(f"{m}:{n}" for m, n in block.count.items()), "dtype": dtype_name, "batch": batch,
+        "memory_format": fmt_name, "N": batch, "C": block.inplanes, "H": block.h, "W": block.h, "K": block.out,
+        "P": block.p, "Q": block.p, "stride": block.stride, "relu": 1, "residual": 1, "timer": timer.name,
+        "input_sets": n_sets, **env,
+    }
+    nbytes = block.min_bytes(batch, esize)
+    rows = measure(base, mod, fns, why, sets, args, timer, ceilings[dtype_name], env, block.flops(batch),
+                   {p: nbytes for p in fns},
+                   auto_backend=lambda: "torch" if not backends._candidates(sets[0][0]) else "per conv (see rows)")
+    del mod, sets, fns
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure(base, ref_mod, fns, why, sets, args, timer, ceiling, env, flop, nbytes, auto_backend=None):
+    """Rows (one per provider in args.providers) of one configuration: the first call of every
+    provider (compilation, autotuning, auto's check and timing) and the correctness check against
+    the baseline outside the timed region, then the timing, then the derived columns.
+
+    fns: {provider: fn(*input set)}; why: {provider: status of one that is not measured};
+    nbytes: {provider: minimum bytes}; auto_backend: () -> what auto took, after its first call."""
+    dtype = DTYPES[base["dtype"]]
+    tol = AGREE_TOL[dtype] * (50 if dtype == torch.float32 and env.get("tf32") == 1 else 1)  # TF32: ~1e-3
     rows = {}
     for p in args.providers:
         if p not in fns:
             rows[p] = dict(base, provider=p, status=why.get(p, "skipped"))
-    # First call of each provider: compilation / autotuning / auto's check and timing, and the
-    # correctness check against eager, all outside the timed region.
-    live, first = {}, {}
+    live = {}
     with torch.inference_mode():
-        x0, r0 = sets[0]
-        ref = mod(x0, r0).clone()
+        ref = ref_mod(*sets[0]).clone()
         for p, fn in fns.items():
             try:
                 timer.sync()
                 t0 = time.perf_counter()
-                y = fn(x0, r0)
+                y = fn(*sets[0])
                 timer.sync()
-                first[p] = time.perf_counter() - t0
+                first = time.perf_counter() - t0
                 diff = rel_diff(y, ref) if p != "conv_alone" else None
-                for x, r in sets[1:3]:
-                    fn(x, r)  # the rotation's other inputs compile nothing new
+                for args_ in sets[1:3]:
+                    fn(*args_)  # the rotation's other inputs compile nothing new
                 live[p] = fn
-                backend = p if p in ("torch", "triton", "cuda") else (auto_choice(mod, shape, x0, r0)
-                                                                      if p == "auto" else "")
-                rows[p] = dict(base, provider=p, backend=backend, status="ok", first_call_s=first[p],
-                               max_rel_diff_vs_eager=diff,
-                               agrees="" if diff is None else int(diff <= tol))
+                backend = p if p in ("torch", "triton", "cuda") else (
+                    auto_backend() if p == "auto" and auto_backend else "")
+                rows[p] = dict(base, provider=p, backend=backend, status="ok", first_call_s=first,
+                               max_rel_diff_vs_eager=diff, agrees="" if diff is None else int(diff <= tol))
                 del y
             except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
                 msg = str(e).splitlines()[0][:200] if str(e) else ""
@@ -458,15 +549,11 @@ def bench_config(shape, dtype_name, batch, fmt_name, args, device, timer, ceilin
                        speedup_paired=paired[0] if paired else None,
                        speedup_paired_p20=paired[1] if paired else None,
                        speedup_paired_p80=paired[2] if paired else None,
-                       gflop=flop / 1e9, min_mb=(conv_bytes if p == "conv_alone" else nbytes) / 1e6,
-                       tflops=flop / med / 1e12, gbs=(conv_bytes if p == "conv_alone" else nbytes) / med / 1e9,
+                       gflop=flop / 1e9, min_mb=nbytes[p] / 1e6, tflops=flop / med / 1e12, gbs=nbytes[p] / med / 1e9,
                        loadavg_1m=load)
-        set_roofline(rows[p], ceilings[dtype_name])
+        set_roofline(rows[p], ceiling)
     for p in rows:
         rows[p].setdefault("loadavg_1m", load)
-    del mod, sets, fns, live
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return [rows[p] for p in args.providers if p in rows]
 
 
@@ -513,12 +600,14 @@ def render_markdown(rows, env, args, ceilings):
                   "`speedup_paired` in the CSV), not absolute times.", ""]
     groups = {}
     for r in ok:
-        groups.setdefault((r["dtype"], r["batch"], r["memory_format"]), []).append(r)
-    for (dt, b, fm), rs in groups.items():
+        groups.setdefault((r["op"], r["dtype"], r["batch"], r["memory_format"]), []).append(r)
+    for (op, dt, b, fm), rs in sorted(groups.items(), key=lambda kv: kv[0][0] != "conv_bn_act"):
         by = {(r["shape"], r["provider"]): r for r in rs}
         shapes = list(dict.fromkeys(r["shape"] for r in rs))
         how = "paired speedup vs eager" if any(_f(r.get("speedup_paired")) for r in rs) else "speedup vs eager"
-        lines += [f"### {dt}, batch {b}, {fm}: median ms ({how})", ""]
+        what = "conv_bn_act per shape" if op == "conv_bn_act" else "whole blocks (torchvision vs FusedBasicBlock / " \
+            "FusedBottleneck)"
+        lines += [f"### {what}, {dt}, batch {b}, {fm}: median ms ({how})", ""]
         head = ["shape"] + provs + ["auto took", "best % roofline"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in shapes:
@@ -541,7 +630,7 @@ def render_markdown(rows, env, args, ceilings):
             cells.append(f"{float(best['pct_roofline']):.0f}% ({best['provider']})" if best else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        totals = model_totals(rs, provs)
+        totals = model_totals(rs, provs) if op == "conv_bn_act" else {}
         if totals:
             lines += [f"Estimated conv_bn_act total per model ({dt}, batch {b}, {fm}; sum of shape medians x "
                       "occurrences, every shape of the model measured):", ""]
@@ -618,13 +707,26 @@ def main(argv=None):
             _SHAPES_PER_MODEL[m] = _SHAPES_PER_MODEL.get(m, 0) + 1
     if args.quick:
         shapes = quick_shapes(shapes)
+    blocks = []
+    if "block" in args.ops:
+        try:
+            from benchmarks.shapes import resnet_blocks
+            blocks = resnet_blocks()
+        except ImportError as e:  # torchvision missing (a bare GPU machine): conv_bn_act rows only
+            print(f"no block rows: {e}")
+        if args.quick:
+            blocks = [b for b in blocks if b.name in QUICK_BLOCKS]
+    if "conv_bn_act" not in args.ops:
+        shapes = []
     if args.shapes:
         keys = [k.strip() for k in args.shapes.split(",") if k.strip()]
         shapes = [s for s in shapes if any(k in s.name for k in keys)]
-    if not shapes:
-        raise SystemExit("--shapes: no shape matches")
-    compile_names = {s.name for s in (shapes if args.compile_mode == "all" else
-                                      shapes[:args.compile_shapes] if args.compile_mode == "some" else [])}
+        blocks = [b for b in blocks if any(k in b.name for k in keys)]
+    if not shapes and not blocks:
+        raise SystemExit("--shapes / --ops: nothing to measure")
+    compile_names = {s.name for s in (shapes + blocks if args.compile_mode == "all" else
+                                      shapes[:args.compile_shapes] + blocks[:min(1, args.compile_shapes)]
+                                      if args.compile_mode == "some" else [])}
     out_dir = args.out or (_REPO_ROOT / "benchmarks" / "results" / device.type)
     csv_path, md_path = out_dir / "bench_blocks.csv", out_dir / "bench_blocks.md"
     env = environment(device)
@@ -632,19 +734,23 @@ def main(argv=None):
     print(f"bench_blocks: {env['device_name']} ({device.type}), {env['threads']} threads, "
           f"torch {env['torch_version']}, triton {env['triton_version']}, commit {env['git_commit']}, "
           f"load average {loadavg()}")
-    print(f"{len(shapes)} shapes x dtypes {args.dtypes} x batches {args.batches} x formats {args.formats}; providers "
+    print(f"{len(shapes)} conv_bn_act shapes + {len(blocks)} blocks x dtypes {args.dtypes} x batches {args.batches} "
+          f"x formats {args.formats}; providers "
           f"{args.providers}; torch.compile on {len(compile_names)} shape(s); timer {timer.name}")
     ceilings = {}
     for d in args.dtypes:
         ceilings[d] = measure_ceilings(device, DTYPES[d], timer)
         print(f"ceilings {d}: {ceilings[d][0]:.3f} TFLOP/s (matmul), {ceilings[d][1]:.1f} GB/s (copy)", flush=True)
 
-    configs = [(s, d, b, f) for s in shapes for d in args.dtypes for b in args.batches for f in args.formats]
+    configs = [(bench_config, s, d, b, f) for s in shapes for d in args.dtypes for b in args.batches
+               for f in args.formats]
+    configs += [(bench_block_config, s, d, b, f) for s in blocks for d in args.dtypes for b in args.batches
+                for f in args.formats]
     rows = []
     bar = tqdm(configs, desc="bench_blocks", unit="config", dynamic_ncols=True)
-    for shape, d, b, f in bar:
+    for fn, shape, d, b, f in bar:
         bar.set_postfix_str(f"{shape.name} {d} N={b} {f}")
-        rows += bench_config(shape, d, b, f, args, device, timer, ceilings, env, shape.name in compile_names)
+        rows += fn(shape, d, b, f, args, device, timer, ceilings, env, shape.name in compile_names)
         write_csv(rows, csv_path)  # after every configuration: a run cut short keeps what it measured
     bar.close()
     if device.type == "cpu":

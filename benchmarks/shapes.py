@@ -218,6 +218,85 @@ def frozen_shapes():
             for c, k, h, r, st, pad, relu, res, role, cnt in FROZEN]
 
 
+@dataclass
+class BlockShape:
+    """One whole residual block (torchvision BasicBlock / Bottleneck, eval mode) at its input size."""
+
+    kind: str                   # BasicBlock | Bottleneck
+    inplanes: int
+    planes: int
+    out: int                    # output channels (planes x expansion)
+    h: int                      # input height = width
+    stride: int
+    downsample: bool
+    convs: list = field(default_factory=list)    # ConvShapes of its convs (conv1, conv2, (conv3), downsample)
+    where: list = field(default_factory=list)
+    count: dict = field(default_factory=dict)
+
+    @property
+    def p(self):
+        return self.convs[-1].p if self.convs else self.h // self.stride
+
+    @property
+    def key(self):
+        return (self.kind, self.inplanes, self.planes, self.h, self.stride, self.downsample)
+
+    @property
+    def name(self):
+        s = " s2" if self.stride == 2 else ""
+        return f"{self.kind} {self.inplanes}->{self.out}{s} @{self.h}"
+
+    def flops(self, n):
+        """Counted FLOPs: the sum over its fused conv_bn_act ops (ConvShape.flops)."""
+        return sum(c.flops(n) for c in self.convs)
+
+    def min_bytes(self, n, esize):
+        """A whole-block floor: read x and every weight (+ fp32 scale/shift), write y once; the
+        intermediate activations are not counted (a block fused end to end would keep them on chip)."""
+        x = n * self.inplanes * self.h * self.h
+        y = n * self.out * self.p * self.p
+        w = sum(c.k * c.c * c.r * c.r for c in self.convs)
+        return (x + y + w) * esize + sum(2 * c.k * 4 for c in self.convs)
+
+    def build(self):
+        """A fresh torchvision block of this shape (random weights; BN statistics are the caller's)."""
+        import torch.nn as nn
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        cls = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}[self.kind]
+        ds = None
+        if self.downsample:
+            ds = nn.Sequential(nn.Conv2d(self.inplanes, self.out, 1, self.stride, bias=False), nn.BatchNorm2d(self.out))
+        return cls(self.inplanes, self.planes, self.stride, ds)
+
+
+def resnet_blocks(models=MODELS, size=224):
+    """Distinct residual blocks of the models (first-seen order), with their convs, where and count.
+    Needs torchvision."""
+    import torch
+    import torchvision
+
+    out = {}
+    for model_name in models:
+        convs = dict(model_convs(model_name, size))
+        with torch.device("meta"):
+            model = getattr(torchvision.models, model_name)(weights=None)
+        for name, m in model.named_modules():
+            kind = type(m).__name__
+            if kind not in ("BasicBlock", "Bottleneck"):
+                continue
+            mine = [c for q, c in convs.items() if q.startswith(name + ".")]
+            b = BlockShape(kind, mine[0].c, m.conv1.out_channels, mine[-1].k if m.downsample is None else
+                           m.downsample[0].out_channels, mine[0].h, m.stride, m.downsample is not None, convs=mine)
+            block = out.setdefault(b.key, b)
+            block.where.append(f"{model_name}.{name}")
+            block.count[model_name] = block.count.get(model_name, 0) + 1
+    return list(out.values())
+
+
+QUICK_BLOCKS = ("BasicBlock 64->64 @56", "Bottleneck 256->512 s2 @56", "Bottleneck 1024->1024 @14")
+
+
 # A subset for --quick runs: one of each role and stage, small to large spatial sizes, both block
 # families (the BasicBlock 3x3s and the Bottleneck 1x1s).
 QUICK = (

@@ -19,7 +19,7 @@
 #              test                                                          -> $OUT/fuzz.log, $OUT/fuzz.xml
 #   sanitizer  compute-sanitizer memcheck on one vector-path and one C=3 call -> $OUT/sanitizer.log
 #   bench      benchmarks/bench_cuda_quick.py --quick                       -> $OUT/bench/, $OUT/bench.log
-#   blocks     benchmarks/bench_blocks.py --quick --device cuda --batch 256 --compile-shapes 1
+#   blocks     benchmarks/bench_blocks.py --quick --device cuda --batch 256 --compile-shapes 1 (+ 3 whole blocks)
 #              (8 ResNet shapes x both memory formats, fp16: eager, conv alone, torch.compile on one shape,
 #              each backend and auto's measured choice, % of roofline)  -> $OUT/bench_blocks/, $OUT/bench_blocks.log
 # A summary of step statuses goes to stdout and $OUT/summary.txt.
@@ -206,7 +206,7 @@ fi
 # --- quick benchmark ----------------------------------------------------------------------------------------
 run_step bench 200 "$OUT/bench.log" TERM "$PY" benchmarks/bench_cuda_quick.py --quick --out "$OUT/bench"
 # Per-shape providers side by side, both memory formats, auto's measured choice (cached under $OUT, not ~/.cache).
-run_step blocks 150 "$OUT/bench_blocks.log" TERM env RESNET_KERNELS_CACHE_DIR="$OUT/autotune_cache" \
+run_step blocks 180 "$OUT/bench_blocks.log" TERM env RESNET_KERNELS_CACHE_DIR="$OUT/autotune_cache" \
   "$PY" benchmarks/bench_blocks.py --quick --device cuda --batch 256 --compile-shapes 1 --out "$OUT/bench_blocks"
 # Training step (resnet50, bf16 AMP, channels_last): eager vs torch.compile vs converted, peak memory.
 run_step bench_train 150 "$OUT/bench_train.log" TERM "$PY" benchmarks/bench_train.py --device cuda --amp bf16 \

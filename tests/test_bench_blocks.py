@@ -42,6 +42,31 @@ def test_derived_shapes_cover_every_conv_and_match_the_frozen_table(derived):
     assert [s.name for s in shapes.quick_shapes(derived)] == list(shapes.QUICK)
 
 
+def test_blocks_are_derived_with_their_convs(derived):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    blocks = shapes.resnet_blocks()
+    assert len(blocks) == 15 and len({b.name for b in blocks}) == 15
+    per_model = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33}
+    for model, n in per_model.items():
+        assert sum(b.count.get(model, 0) for b in blocks) == n
+    assert set(shapes.QUICK_BLOCKS) <= {b.name for b in blocks}
+    conv_names = {s.name for s in derived}
+    for b in blocks:
+        assert all(c.name in conv_names for c in b.convs)
+        assert len(b.convs) == {"BasicBlock": 2, "Bottleneck": 3}[b.kind] + int(b.downsample)
+        with torch.device("meta"):
+            mod = b.build().eval()
+        x = torch.empty(2, b.inplanes, b.h, b.h, device="meta")
+        with FlopCounterMode(display=False) as fc:
+            y = mod(x)
+        assert y.shape == (2, b.out, b.p, b.p), b.name
+        epilogue = sum(2 * c.k * c.p * c.p * (2 + int(c.residual) + int(c.relu)) for c in b.convs)
+        assert b.flops(2) == fc.get_total_flops() + epilogue, b.name
+        weights = sum(p.numel() for n, p in mod.named_parameters() if p.dim() == 4)
+        assert b.min_bytes(2, 2) == (x.numel() + y.numel() + weights) * 2 + sum(8 * c.k for c in b.convs)
+
+
 def test_flops_and_bytes_agree_with_torch_counts(derived):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -117,7 +142,7 @@ def test_model_totals_weight_shapes_by_occurrences(derived):
 def test_end_to_end_tiny_run_writes_csv_markdown_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["RESNET_KERNELS_CACHE_DIR"] = str(tmp_path / "cache")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_blocks.py"), "--shapes", "ds 1x1s2 64->128",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_blocks.py"), "--shapes", "ds 1x1s2 64->128,BasicBlock 512",
            "--batch", "1", "--compile", "none", "--min-rounds", "3", "--min-time", "0", "--retries", "0",
            "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
@@ -125,6 +150,13 @@ def test_end_to_end_tiny_run_writes_csv_markdown_and_plots(tmp_path):
     with open(tmp_path / "bench_blocks.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["memory_format"] for r in rows} == {"nchw", "channels_last"}
+    blocks = [r for r in rows if r["op"] == "block"]
+    assert {r["shape"] for r in blocks} == {"BasicBlock 512->512 @7"}
+    for r in blocks:
+        if r["provider"] in ("eager", "torch", "auto"):
+            assert r["status"] == "ok" and float(r["median_ms"]) > 0 and r["agrees"] in ("1", ""), r
+        assert r["provider"] != "torch" or r["agrees"] == "1"
+    rows = [r for r in rows if r["op"] == "conv_bn_act"]
     by = {(r["memory_format"], r["provider"]): r for r in rows}
     for fmt in ("nchw", "channels_last"):
         for prov in ("eager", "conv_alone", "torch", "auto"):
@@ -137,7 +169,8 @@ def test_end_to_end_tiny_run_writes_csv_markdown_and_plots(tmp_path):
         assert by[(fmt, "compile")]["status"].startswith("skipped")
         assert by[(fmt, "triton")]["status"].startswith("unavailable")  # never the interpreter
         assert float(by[(fmt, "eager")]["speedup_vs_eager"]) == 1.0
-    assert (tmp_path / "bench_blocks.md").read_text().count("| ds 1x1s2 64->128 norelu @56 |") == 2
+    md = (tmp_path / "bench_blocks.md").read_text()
+    assert md.count("| ds 1x1s2 64->128 norelu @56 |") == 2 and md.count("| BasicBlock 512->512 @7 |") == 2
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["bench_blocks_roofline_float32.png", "bench_blocks_speedup_float32.png"]
     # plot.py renders from the CSV alone, and still renders bench_models.csv.
