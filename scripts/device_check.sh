@@ -14,9 +14,10 @@
 #   gpu_tests  pytest -m gpu tests/test_gpu_kernels.py                      -> $OUT/pytest.log, $OUT/pytest.xml
 #   bench_train  benchmarks/bench_train.py --device cuda --amp bf16 (last: cut first when time runs out)
 #   gpu_sm80   the cuda-backend tests again with RESNET_KERNELS_CUDA_FORCE_SM80=1 -> $OUT/pytest_sm80.log
-#   fuzz       RESNET_KERNELS_FUZZ=long pytest tests/test_fuzz.py (random configurations on cuda, triton, torch,
-#              auto vs float64; seeds past RESNET_KERNELS_FUZZ_SECONDS=60 skip) + the two-stream concurrency
-#              test                                                          -> $OUT/fuzz.log, $OUT/fuzz.xml
+#   fuzz       tests/test_gpu_field_cases.py (A2 B4 D3 on the GPU backends), then RESNET_KERNELS_FUZZ=long
+#              pytest tests/test_fuzz.py (random configurations on cuda, triton, torch, auto vs float64,
+#              inference and training; seeds past RESNET_KERNELS_FUZZ_SECONDS=60 skip) + the two-stream
+#              concurrency test                                              -> $OUT/fuzz.log, $OUT/fuzz.xml
 #   sanitizer  compute-sanitizer memcheck on one vector-path and one C=3 call -> $OUT/sanitizer.log
 #   bench      benchmarks/bench_cuda_quick.py --quick                       -> $OUT/bench/, $OUT/bench.log
 #   blocks     benchmarks/bench_blocks.py --quick --device cuda --batch 256 --compile-shapes 1 (+ 3 whole blocks)
@@ -146,9 +147,10 @@ run_step gpu_sm80 90 "$OUT/pytest_sm80.log" INT env RESNET_KERNELS_CUDA_FORCE_SM
 
 # --- long fuzz tier (tests/test_fuzz.py): larger shapes on every GPU backend, time-boxed --------------------
 # A failing seed prints its configuration and `python tests/test_fuzz.py --seed N --device cuda`.
-run_step fuzz 80 "$OUT/fuzz.log" INT env RESNET_KERNELS_FUZZ=long RESNET_KERNELS_FUZZ_SEEDS=3000 \
-  RESNET_KERNELS_FUZZ_SECONDS=60 "$PY" -m pytest tests/test_fuzz.py tests/test_concurrency.py -q -rfE \
-  -k "test_fuzz or cuda_streams" --junitxml="$OUT/fuzz.xml" -p no:cacheprovider
+run_step fuzz 100 "$OUT/fuzz.log" INT env RESNET_KERNELS_FUZZ=long RESNET_KERNELS_FUZZ_SEEDS=3000 \
+  RESNET_KERNELS_FUZZ_SECONDS=60 "$PY" -m pytest tests/test_gpu_field_cases.py tests/test_fuzz.py \
+  tests/test_concurrency.py -q -rfE -k "gpu_field or test_fuzz or cuda_streams" --junitxml="$OUT/fuzz.xml" \
+  -p no:cacheprovider
 
 # --- compute-sanitizer --------------------------------------------------------------------------------------
 SAN=""
