@@ -247,10 +247,12 @@ def plot_blocks_csv(csv_path, out_dir=None):
     written = []
     for dtype, groups in _block_groups(rows).items():
         written.append(_block_panels(groups, out_dir / f"bench_blocks_speedup_{dtype}.png", _speedup,
-                                     "speedup vs eager (whiskers p20-p80)", "conv_bn_act speedup vs eager",
+                                     "speedup vs eager (whiskers p20-p80)",
+                                     "speedup vs eager per shape (conv_bn_act ops, whole blocks)",
                                      lambda p: p not in ("eager", "conv_alone"), log=True, ref_line=1.0))
         written.append(_block_panels(groups, out_dir / f"bench_blocks_roofline_{dtype}.png", _roofline,
-                                     "% of roofline floor", "conv_bn_act % of the roofline (measured ceilings)",
+                                     "% of roofline floor",
+                                     "% of the roofline per shape (ceilings measured in the run)",
                                      lambda p: True))
     return written
 
