@@ -1,7 +1,7 @@
-"""Per-shape benchmark of the fused conv_bn_act op: every ResNet-18/34/50/101 shape, every provider.
+"""Per-shape benchmark of the fused ops and blocks: every ResNet-18/34/50/101 shape, every provider.
 
-    python benchmarks/bench_blocks.py --quick                       # 8 shapes, a few minutes on 2 CPU cores
-    python benchmarks/bench_blocks.py                               # all 34 shapes, batch 1 and 8 (CPU)
+    python benchmarks/bench_blocks.py --quick                       # 8 shapes + 3 blocks, a few minutes on 2 CPU cores
+    python benchmarks/bench_blocks.py                               # all 34 shapes + 15 blocks, batch 1 and 8 (CPU)
     python benchmarks/bench_blocks.py --device cuda --dtype float16,bfloat16 --batch 1,32,256
 
 Rows of two kinds (--ops): `conv_bn_act`, one fused op per shape, and `block`, a whole
@@ -143,7 +143,8 @@ def _csv_list(text, allowed=None, what="value"):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="8 shapes, shorter timing (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="8 conv_bn_act shapes + 3 blocks, shorter timing (about 2-3 minutes on 2 idle CPU cores)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<device>)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=None,
