@@ -221,8 +221,6 @@ def loadavg():
 
 
 def environment(device):
-    import torchvision
-
     import resnet_kernels as rk
 
     gpu = device.type == "cuda"
@@ -233,7 +231,8 @@ def environment(device):
         "tf32": int(bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)) if gpu else "",
         "torch_version": torch.__version__, "cuda_version": torch.version.cuda or "",
         "cudnn_version": (torch.backends.cudnn.version() or "") if gpu else "",
-        "triton_version": common.package_version("triton"), "torchvision_version": torchvision.__version__,
+        "triton_version": common.package_version("triton"),
+        "torchvision_version": common.package_version("torchvision"),
         "resnet_kernels_version": rk.__version__,
         "git_commit": os.environ.get("RK_GIT_COMMIT") or common.git_commit(), "timestamp": common.timestamp(),
     }
@@ -651,7 +650,7 @@ def render_markdown(rows, env, args, ceilings):
                     for p in head[1:]]) + " |")
             lines.append("")
     if any(_f(r.get("cpu_share")) is not None and float(r["cpu_share"]) < args.quiet_share for r in ok):
-        lines += [f"~ : still contended after {args.retries + 1} attempts (CPU share below {args.quiet_share}): "
+        lines += [f"~ : still contended after {args.retries + 1} attempt(s) (CPU share below {args.quiet_share}): "
                   "other processes took the cores during these calls; read that time as an upper bound.", ""]
     bad = [r for r in ok if str(r.get("agrees")) == "0"]
     if bad:
