@@ -354,9 +354,11 @@ def test_cache_dir_rules(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif("triton" not in rk.available_backends(), reason="Triton (interpreter) is not available here")
-def test_real_race_with_the_triton_interpreter_is_won_by_torch(monkeypatch, tmp_path):
+def test_real_race_with_the_triton_interpreter(monkeypatch, tmp_path):
     """End to end without fakes: Triton (the interpreter standing in for a GPU candidate) is checked,
-    timed against torch on the call's inputs, loses (the interpreter is slow), and torch is stored."""
+    timed against torch on the call's own inputs, and the faster of the two is taken and stored with
+    both timings (on this machine torch, by about 30x; the assertion follows the recorded timings so
+    that a burst of load on a shared machine cannot fail it)."""
     monkeypatch.setattr(backends, "_candidates", lambda x: ("triton",))
     monkeypatch.setattr(backends, "_VERDICTS", {})
     monkeypatch.setattr(backends, "_CHOICES", {})
@@ -365,8 +367,10 @@ def test_real_race_with_the_triton_interpreter_is_won_by_torch(monkeypatch, tmp_
     monkeypatch.delenv("RESNET_KERNELS_AUTOTUNE", raising=False)
     _autotune.forget()
     x, w, call = _case()
-    assert backends.resolve("auto", x, w, 1, call=call) == "torch"
+    got = backends.resolve("auto", x, w, 1, call=call)
     assert list(backends.verdicts().values()) == [True]  # triton was checked (and agreed) before the race
     [entry] = json.loads(next(tmp_path.glob("autotune-*.json")).read_text())["choices"].values()
-    assert entry["backend"] == "torch" and entry["ms"]["triton"] > entry["ms"]["torch"] > 0
+    ms = entry["ms"]
+    assert set(ms) == {"triton", "torch"} and all(v is not None and v > 0 for v in ms.values()), entry
+    assert got == entry["backend"] == min(ms, key=ms.get), entry
     _autotune.forget()
