@@ -52,9 +52,9 @@ CPU: the best of 20+ runs at the start and at the end of the run (a peak; a medi
 CPU would measure this process's share of it), and every row's % is computed against the final
 ceilings. floor = max(flop / peak,
 bytes / bandwidth); pct_roofline = 100 x floor / median (100% = at the roofline; `bound` says
-which roof is the floor). Above 100% means the convolution needed fewer operations than the direct
-count (oneDNN and cuDNN take Winograd or FFT algorithms for some 3x3 layers) or ran faster than the
-matmul that measured the peak.
+which roof is the floor). Above 100% means the convolution ran faster than the matmul that
+measured the peak (on the 2-core CPU here oneDNN's convolution kernels get closer to the FMA peak
+than a 1024^3 sgemm), or needed fewer operations than the direct count (Winograd / FFT algorithms).
 
 Correctness: every provider's first output is compared with eager's (max|y - eager| / max|eager|;
 agrees = within 1e-4 fp32 (5e-3 when torch's TF32 flags are on), 5e-3 fp16, 3e-2 bf16); a disagreeing
