@@ -204,6 +204,27 @@ Params<T> make_params(const Call& c, bool relu) {
   return p;
 }
 
+// The device this call runs on, and whether it takes the wgmma kernel (sm_90a build, sm_90
+// device, vector path) or the mma.sync one.
+struct Target {
+  const cudaDeviceProp* prop;
+  bool sm90;
+};
+
+Target target(const Call& c) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, kOp, ": needs compute capability 8.0 or newer (mma.sync m16n8k16 with bf16), "
+              "this device is ", prop->major, ".", prop->minor);
+  return {prop, prop->major == 9 && built_with_sm90a() && c.vec && !force_sm80()};
+}
+
+template <typename T>
+void launch(const Params<T>& p, const Call& c, const Target& t) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (t.sm90) launch_sm90<T>(p, stream);
+  else launch_sm80<T>(p, c.vec, t.prop->multiProcessorCount, stream);
+}
+
 at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -211,17 +232,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const c10::cuda::CUDAGuard guard(x.device());
   Call c = prepare(x, weight, scale, shift, residual, stride, padding, dilation, groups);
   if (c.y.numel() == 0) return c.y;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, kOp, ": needs compute capability 8.0 or newer (mma.sync m16n8k16 with bf16), "
-              "this device is ", prop->major, ".", prop->minor);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool sm90 = prop->major == 9 && built_with_sm90a() && c.vec && !force_sm80();
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    const Params<T> p = make_params<T>(c, relu);
-    if (sm90) launch_sm90<T>(p, stream);
-    else launch_sm80<T>(p, c.vec, prop->multiProcessorCount, stream);
-  };
+  const Target t = target(c);
+  auto run = [&](auto tag) { launch(make_params<decltype(tag)>(c, relu), c, t); };
   if (x.scalar_type() == at::kHalf) run(__half{});
   else run(__nv_bfloat16{});
   return c.y;
@@ -238,26 +250,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_stats_cuda(
   TORCH_CHECK(weight.dim() == 4, kOp, ": weight must be 4-D [K, C, R, S], got shape ", weight.sizes());
   const at::Tensor ones = at::ones({weight.size(0)}, x.options().dtype(at::kFloat));
   Call c = prepare(x, weight, ones, ones, std::nullopt, stride, padding, dilation, groups);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, kOp, ": needs compute capability 8.0 or newer (mma.sync m16n8k16 with bf16), "
-              "this device is ", prop->major, ".", prop->minor);
-  const bool sm90 = prop->major == 9 && built_with_sm90a() && c.vec && !force_sm80();
+  const Target t = target(c);
   const int64_t M = gemm_m(c.g), K = c.g.K;
-  const int bm = plan_tile_m(prop->major, sm90, c.vec, M, K, prop->multiProcessorCount);
+  const int bm = plan_tile_m(t.prop->major, t.sm90, c.vec, M, K, t.prop->multiProcessorCount);
   const int64_t tiles = (M + bm - 1) / bm;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor psum = at::empty({tiles, K}, f32), pm2 = at::empty({tiles, K}, f32), pcnt = at::empty({tiles}, f32);
   if (c.y.numel() == 0) return {c.y, psum, pm2, pcnt};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto tag) {
-    using T = decltype(tag);
-    Params<T> p = make_params<T>(c, false);
+    Params<decltype(tag)> p = make_params<decltype(tag)>(c, false);
     p.stats = true;
     p.psum = psum.mutable_data_ptr<float>();
     p.pm2 = pm2.mutable_data_ptr<float>();
     p.pcnt = pcnt.mutable_data_ptr<float>();
-    if (sm90) launch_sm90<T>(p, stream);
-    else launch_sm80<T>(p, c.vec, prop->multiProcessorCount, stream);
+    launch(p, c, t);
   };
   if (x.scalar_type() == at::kHalf) run(__half{});
   else run(__nv_bfloat16{});

@@ -176,7 +176,8 @@ struct Loader {
 // store when the run is whole and K % 8 == 0; element by element otherwise.
 constexpr int kPad = 4;
 
-template <typename T, int BM, int BN, int THREADS>
+// kRaw (training): store the accumulator itself, converted to T (no BN / residual / ReLU).
+template <typename T, int BM, int BN, int THREADS, bool kRaw = false>
 __device__ __forceinline__ void store_tile(const Params<T>& P, const float* tile, int64_t m0, int64_t j0, int tid) {
   constexpr int kRuns = BN / 8;
   const int64_t K = P.g.K;
@@ -188,48 +189,52 @@ __device__ __forceinline__ void store_tile(const Params<T>& P, const float* tile
     if (m >= P.M || j >= K) continue;
     const float4 lo = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c);
     const float4 hi = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c + 4);
-    const float acc[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    float acc[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     const bool whole = j + 8 <= K;
-    float sc[8], sh[8], rv[8];
-    if (whole) {
-      const float4 s0 = *reinterpret_cast<const float4*>(P.scale + j);
-      const float4 s1 = *reinterpret_cast<const float4*>(P.scale + j + 4);
-      const float4 h0 = *reinterpret_cast<const float4*>(P.shift + j);
-      const float4 h1 = *reinterpret_cast<const float4*>(P.shift + j + 4);
-      sc[0] = s0.x; sc[1] = s0.y; sc[2] = s0.z; sc[3] = s0.w; sc[4] = s1.x; sc[5] = s1.y; sc[6] = s1.z; sc[7] = s1.w;
-      sh[0] = h0.x; sh[1] = h0.y; sh[2] = h0.z; sh[3] = h0.w; sh[4] = h1.x; sh[5] = h1.y; sh[6] = h1.z; sh[7] = h1.w;
-    } else {
+    if constexpr (!kRaw) {
+      float sc[8], sh[8], rv[8];
+      if (whole) {
+        const float4 s0 = *reinterpret_cast<const float4*>(P.scale + j);
+        const float4 s1 = *reinterpret_cast<const float4*>(P.scale + j + 4);
+        const float4 h0 = *reinterpret_cast<const float4*>(P.shift + j);
+        const float4 h1 = *reinterpret_cast<const float4*>(P.shift + j + 4);
+        sc[0] = s0.x; sc[1] = s0.y; sc[2] = s0.z; sc[3] = s0.w; sc[4] = s1.x; sc[5] = s1.y; sc[6] = s1.z; sc[7] = s1.w;
+        sh[0] = h0.x; sh[1] = h0.y; sh[2] = h0.z; sh[3] = h0.w; sh[4] = h1.x; sh[5] = h1.y; sh[6] = h1.z; sh[7] = h1.w;
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        sc[e] = j + e < K ? P.scale[j + e] : 0.f;
-        sh[e] = j + e < K ? P.shift[j + e] : 0.f;
+        for (int e = 0; e < 8; ++e) {
+          sc[e] = j + e < K ? P.scale[j + e] : 0.f;
+          sh[e] = j + e < K ? P.shift[j + e] : 0.f;
+        }
       }
-    }
-    if (P.res_mode == kResDense && P.res_vec && whole) {
-      union {
-        uint4 u;
-        T v[8];
-      } pack;
-      pack.u = *reinterpret_cast<const uint4*>(P.res + m * K + j);
+      if (P.res_mode == kResDense && P.res_vec && whole) {
+        union {
+          uint4 u;
+          T v[8];
+        } pack;
+        pack.u = *reinterpret_cast<const uint4*>(P.res + m * K + j);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) rv[e] = to_f32(pack.v[e]);
-    } else if (P.res_mode == kResDense) {
+        for (int e = 0; e < 8; ++e) rv[e] = to_f32(pack.v[e]);
+      } else if (P.res_mode == kResDense) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) rv[e] = j + e < K ? to_f32(P.res[m * K + j + e]) : 0.f;
-    } else if (P.res_mode == kResStrided) {
-      const int64_t base = residual_offset(P.g, m, j, P.rs);
+        for (int e = 0; e < 8; ++e) rv[e] = j + e < K ? to_f32(P.res[m * K + j + e]) : 0.f;
+      } else if (P.res_mode == kResStrided) {
+        const int64_t base = residual_offset(P.g, m, j, P.rs);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) rv[e] = j + e < K ? to_f32(P.res[base + e * P.rs.k]) : 0.f;
-    } else {
+        for (int e = 0; e < 8; ++e) rv[e] = j + e < K ? to_f32(P.res[base + e * P.rs.k]) : 0.f;
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) rv[e] = 0.f;
+        for (int e = 0; e < 8; ++e) rv[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = epilogue::bn_act(acc[e], sc[e], sh[e], rv[e], P.relu);
     }
     union {
       uint4 u;
       T v[8];
     } out;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(epilogue::bn_act(acc[e], sc[e], sh[e], rv[e], P.relu));
+    for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(acc[e]);
     T* dst = P.y + m * K + j;
     if (whole && P.y_vec) {
       *reinterpret_cast<uint4*>(dst) = out.u;
@@ -241,40 +246,7 @@ __device__ __forceinline__ void store_tile(const Params<T>& P, const float* tile
   }
 }
 
-// --- training epilogue: raw store + per-tile channel statistics --------------------------------
-// y = the fp32 accumulator converted to T (no BN / residual / ReLU): the same runs of 8 channels
-// and 16-byte stores as store_tile.
-template <typename T, int BM, int BN, int THREADS>
-__device__ __forceinline__ void store_tile_raw(const Params<T>& P, const float* tile, int64_t m0, int64_t j0,
-                                               int tid) {
-  constexpr int kRuns = BN / 8;
-  const int64_t K = P.g.K;
-  for (int idx = tid; idx < BM * kRuns; idx += THREADS) {
-    const int r = idx / kRuns;
-    const int c = (idx % kRuns) * 8;
-    const int64_t m = m0 + r;
-    const int64_t j = j0 + c;
-    if (m >= P.M || j >= K) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c);
-    const float4 hi = *reinterpret_cast<const float4*>(tile + r * (BN + kPad) + c + 4);
-    const float acc[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    union {
-      uint4 u;
-      T v[8];
-    } out;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) out.v[e] = from_f32<T>(acc[e]);
-    T* dst = P.y + m * K + j;
-    if (j + 8 <= K && P.y_vec) {
-      *reinterpret_cast<uint4*>(dst) = out.u;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        if (j + e < K) dst[e] = out.v[e];
-    }
-  }
-}
-
+// --- training epilogue: raw store (store_tile<kRaw>) + per-tile channel statistics ---------------
 // Shared-memory scratch of tile_stats, after the fp32 tile: kStatGroups row groups x BN partial
 // sums, as many partial squared deviations, and BN tile means.
 template <int BN, int THREADS>
@@ -352,7 +324,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& P, const float* tile
 template <typename T, int BM, int BN, int THREADS, bool kStats>
 __device__ __forceinline__ void epilogue_tile(const Params<T>& P, float* tile, int64_t m0, int64_t j0, int tid) {
   if constexpr (kStats) {
-    store_tile_raw<T, BM, BN, THREADS>(P, tile, m0, j0, tid);
+    store_tile<T, BM, BN, THREADS, true>(P, tile, m0, j0, tid);
     tile_stats<T, BM, BN, THREADS>(P, tile, tile + BM * (BN + kPad), m0, j0, tid);
   } else {
     store_tile<T, BM, BN, THREADS>(P, tile, m0, j0, tid);
