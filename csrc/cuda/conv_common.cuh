@@ -257,7 +257,17 @@ struct StatsLayout {
   static constexpr int kBytes = (2 * kGroups * BN + BN) * 4;
 };
 
-// Per-channel statistics of one BM x BN fp32 tile (tile[r * (BN + kPad) + c]), over its valid rows
+// The value y holds after the store: the fp32 accumulator rounded to T. The statistics are those
+// of y as stored, like BatchNorm on the eager conv's output (normalising stored values with the
+// statistics of unrounded ones is off by their rounding, which matters when a channel's spread is
+// small next to its mean).
+template <typename T>
+__device__ __forceinline__ float4 as_stored(float4 v) {
+  return make_float4(to_f32(from_f32<T>(v.x)), to_f32(from_f32<T>(v.y)), to_f32(from_f32<T>(v.z)),
+                     to_f32(from_f32<T>(v.w)));
+}
+
+// Per-channel statistics of one BM x BN fp32 tile (tile[r * (BN + kPad) + c]) as stored (as_stored), over its valid rows
 // r < min(BM, M - m0) only (rows past M are zero-filled GEMM padding and must not count):
 //   psum[t * K + k] = sum_r v,   pm2[t * K + k] = sum_r (v - sum / cnt)^2,   pcnt[t] = cnt,
 // t = blockIdx.x. Two passes over the tile (sum, then squared deviations from the tile mean:
@@ -279,7 +289,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& P, const float* tile
 
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int r = g; r < cnt; r += G) {
-    const float4 v = *reinterpret_cast<const float4*>(col + r * (BN + kPad));
+    const float4 v = as_stored<T>(*reinterpret_cast<const float4*>(col + r * (BN + kPad)));
     s.x += v.x;
     s.y += v.y;
     s.z += v.z;
@@ -297,7 +307,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& P, const float* tile
   const float4 mu = *reinterpret_cast<const float4*>(tmean + c4 * 4);
   float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int r = g; r < cnt; r += G) {
-    const float4 v = *reinterpret_cast<const float4*>(col + r * (BN + kPad));
+    const float4 v = as_stored<T>(*reinterpret_cast<const float4*>(col + r * (BN + kPad)));
     const float dx = v.x - mu.x, dy = v.y - mu.y, dz = v.z - mu.z, dw = v.w - mu.w;
     q.x = fmaf(dx, dx, q.x);
     q.y = fmaf(dy, dy, q.y);
