@@ -519,20 +519,6 @@ def _pinned_triton_config():
     return pin
 
 
-ONEDNN_RELU_NAN = ("known, reported: the torch backend's CPU fp32 channels_last path runs ReLU as a oneDNN "
-                   "convolution post-op, which turns NaN into 0 and +inf into 3.4e38 (torch.relu keeps both)")
-
-
-def _known_onednn_relu_nan(seed, problems):
-    """True when the only problems are NaN/+inf positions of the oneDNN ReLU post-op (ONEDNN_RELU_NAN):
-    CPU, fp32, a truly channels_last x with a NaN/Inf in it, ReLU on."""
-    cfg = draw(seed)
-    if not (_DEVICE == "cpu" and cfg["dtype"] == "float32" and cfg["relu"] and cfg["nonfinite_x"]
-            and cfg["x_layout"] == "channels_last" and cfg["c"] > 1 and cfg["h"] * cfg["w"] > 1):
-        return False
-    return all(p.startswith(("NaN positions", "+inf positions")) for p in problems)
-
-
 def _time_is_up(share):
     """RESNET_KERNELS_FUZZ_SECONDS: True once `share` of it has passed since the first fuzz seed ran."""
     limit = os.environ.get("RESNET_KERNELS_FUZZ_SECONDS")
@@ -555,8 +541,6 @@ def _check_seed(seed):
     results = run_seed(seed, _DEVICE, triton_macs=None if _DEVICE == "cuda" else TRITON_INTERP_MACS,
                        triton_config=_pinned_triton_config())
     bad = {name: p for name, p in results.items() if p and not p[0].startswith("skipped")}
-    if bad and all(name in ("torch", "auto") and _known_onednn_relu_nan(seed, p) for name, p in bad.items()):
-        pytest.xfail(ONEDNN_RELU_NAN)
     assert not bad, f"seed {seed}: {draw(seed)}\n" + "\n".join(f"  {n}: {p}" for n, p in bad.items()) + \
         "\n" + _repro_hint(seed)
 
