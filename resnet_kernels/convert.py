@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import reference
 from .modules import (FoldedBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConvBNAct, _check_backend,
                       conv_bn_problem)
 
@@ -179,14 +180,25 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False, c
             and not getattr(out, "_resnet_kernels_cl_hook", False) and any(
                 isinstance(m, (FusedBasicBlock, FusedBottleneck, FusedConvBNAct)) for m in out.modules()):
         out.register_forward_pre_hook(_to_channels_last)
+        out.register_forward_hook(_end_finite_scope, always_call=True)
         out.__dict__["_resnet_kernels_cl_hook"] = True
     return out
 
 
 def _to_channels_last(module, args):
+    new = None
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].is_floating_point():
-        return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
-    return None
+        new = (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+    if not torch.compiler.is_compiling():
+        # The input's NaN/Inf check, once per forward (reference.py: finite scope); the fused ops
+        # inside then check only tensors that no fused op of this forward produced.
+        reference.begin_finite_scope((new or args or (None,))[0])
+    return new
+
+
+def _end_finite_scope(module, args, output):
+    if not torch.compiler.is_compiling():
+        reference.end_finite_scope()
 
 
 def summary(model: nn.Module):

@@ -154,17 +154,65 @@ def _aten_path(x, folded, shift, residual, stride, padding, dilation, groups, re
     return y
 
 
+# --- NaN/Inf and oneDNN's post-ops ----------------------------------------------------------------
+# A converted model's forward opens a "finite scope" (convert.py's hooks): its input is checked once,
+# and every output the oneDNN path makes from checked inputs inside the scope is recorded, so the
+# next fused op that reads it (x or residual) needs no check of its own. Anything else (the output of
+# a non-fused layer such as max-pooling, a direct functional call) is checked per call.
+def begin_finite_scope(x):
+    """Open a scope for one forward; `x` (the model input) is recorded as finite if it is."""
+    stack = getattr(_tls, "finite", None)
+    if stack is None:
+        stack = _tls.finite = []
+    known = {}
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu" \
+            and bool(torch.isfinite(x.sum())):
+        known[id(x)] = (weakref.ref(x), _version_or_none(x))
+    stack.append(known)
+
+
+def end_finite_scope():
+    stack = getattr(_tls, "finite", None)
+    if stack:
+        stack.pop()
+
+
+def _version_or_none(t):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (torch.inference_mode) keeps no version counter
+        return None
+
+
+def _known_finite(t):
+    """True for a tensor recorded in this thread's innermost scope and not written in place since
+    (as far as its version counter tells: inference tensors have none)."""
+    stack = getattr(_tls, "finite", None)
+    if not stack:
+        return False
+    entry = stack[-1].get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == _version_or_none(t)
+
+
+def _record_finite(y):
+    stack = getattr(_tls, "finite", None)
+    if stack:
+        stack[-1][id(y)] = (weakref.ref(y), _version_or_none(y))
+
+
 def _postops_exact(x, shift, residual, relu):
     """Whether oneDNN's post-ops give the eager result for this call. Its ReLU post-op maps NaN to 0
     (torch.relu keeps NaN) and its sum post-op can saturate +inf to 3.4e38, so a NaN/Inf in x, the
     shift or the residual must take the ATen path (conv + in-place add_/relu_, NaN/Inf exact). One
-    fp32 sum over each decides: it is non-finite when any element is (NaN, or inf + -inf = NaN), and
-    also when finite values overflow the sum, which only costs the slower exact path. Measured on
-    the 2-core CI machine: about 3 ms over all 53 convolutions of a ResNet-50 batch-8 forward."""
+    fp32 sum over each tensor not already known finite decides: it is non-finite when any element is
+    (NaN, or inf + -inf = NaN), and also when finite values overflow the sum, which only costs the
+    slower exact path."""
     if not relu and residual is None:
         return True  # no post-op: the convolution with its bias propagates NaN/Inf itself
-    total = x.sum() + shift.sum()
-    if residual is not None:
+    total = shift.sum()
+    if not _known_finite(x):
+        total = total + x.sum()
+    if residual is not None and not _known_finite(residual):
         total = total + residual.sum()
     return bool(torch.isfinite(total))
 
@@ -271,7 +319,9 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
         plan = _cpu_plan(weight, scale, x, stride, padding, dilation, groups, (shift, residual, relu)) \
             if _onednn_ok(x, weight) else None
         if plan is not None and plan[0] == "onednn" and _postops_exact(x, shift, residual, relu):
-            return _onednn_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
+            y = _onednn_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
+            _record_finite(y)  # finite inputs and weight (overflow inside the conv aside: README)
+            return y
         if plan is not None and plan[0] == "onednn":  # a NaN/Inf in x, shift or residual
             folded = _folded(weight, scale, fmt)
             return _aten_path(x, folded, shift, residual, stride, padding, dilation, groups, relu, fmt)

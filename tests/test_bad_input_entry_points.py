@@ -380,6 +380,38 @@ def test_converted_model_bad_input_and_nan(channels_last):
     assert torch.isnan(ref).all() and torch.isnan(y).all()
 
 
+class _PoisonInPlace(nn.Module):
+    def forward(self, x):
+        x[0, 1, 2, 2] = float("nan")  # an in-place write into the previous fused op's output
+        return x
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return x.log()  # NaN where x < 0, -inf where x == 0 (after a ReLU: many)
+
+
+@pytest.mark.parametrize("between", ["in-place NaN", "log"])
+def test_converted_model_nan_made_between_fused_ops(between):
+    """Inside a converted model's forward only tensors made by fused ops from checked inputs skip the
+    per-call NaN/Inf check: a non-fused layer that makes a NaN/-inf out of finite values, new or in place
+    (visible to the version counter: no_grad, not inference_mode), still gets exact positions."""
+    g = torch.Generator().manual_seed(5)
+
+    def chain():
+        conv, bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        return [conv, randomize_bn(bn), nn.ReLU()]
+    mid = _PoisonInPlace() if between == "in-place NaN" else _Log()
+    model = nn.Sequential(*chain(), mid, *chain()).eval()
+    fast = rk.convert(copy.deepcopy(model), backend="torch")
+    assert sum(isinstance(m, rk.FusedConvBNAct) for m in fast.modules()) == 2
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    with torch.no_grad():
+        y, ref = fast(x), copy.deepcopy(model).double()(x.double())
+    assert not torch.isfinite(ref).all()
+    _same_nonfinite(y, ref)
+
+
 # --- NaN/Inf through backward -----------------------------------------------------------------------------
 def _grads(f, x, params):
     x = x.detach().clone().requires_grad_()
