@@ -210,11 +210,21 @@ def _postops_exact(x, shift, residual, relu):
     if not relu and residual is None:
         return True  # no post-op: the convolution with its bias propagates NaN/Inf itself
     total = shift.sum()
-    if not _known_finite(x):
-        total = total + x.sum()
-    if residual is not None and not _known_finite(residual):
-        total = total + residual.sum()
-    return bool(torch.isfinite(total))
+    check = [t for t in (x, residual) if t is not None and not _known_finite(t)]
+    for t in check:
+        total = total + t.sum()
+    if not bool(torch.isfinite(total)):
+        return False
+    for t in check:  # x is often read by two convolutions (a block's first conv and its downsample)
+        _record_finite(t)
+    return True
+
+
+def _record_if_inputs_finite(y, x, shift, residual):
+    """After the ATen path with a finite weight: record y when its inputs are known finite."""
+    if getattr(_tls, "finite", None) and _known_finite(x) and (residual is None or _known_finite(residual)) \
+            and bool(torch.isfinite(shift.sum())):
+        _record_finite(y)
 
 
 def _onednn_path(x, packed, shift, residual, stride, padding, dilation, groups, relu, fmt):
@@ -246,7 +256,8 @@ _plans = {}  # geometry -> "onednn" | "aten", measured once per process
 
 def _cpu_plan(weight, scale, x, stride, padding, dilation, groups, args):
     """For a cacheable CPU fp32 channels_last call: ("onednn", prepacked weight) or ("aten", folded
-    weight). oneDNN's prepacked weight with post-ops wins on the deep, small-spatial ResNet layers
+    weight); ("exact", folded weight) when that holds a NaN/Inf (never oneDNN's post-ops, see
+    _postops_exact). oneDNN's prepacked weight with post-ops wins on the deep, small-spatial ResNet layers
     (up to 1.5x) but loses on some wide, large-spatial ones (the stem, 64->256 1x1 at 56x56), so the
     choice is measured the first time a geometry is seen and then kept for every weight of that
     geometry in the process. torch.use_deterministic_algorithms(True) always takes "aten"."""
@@ -265,8 +276,8 @@ def _cpu_plan(weight, scale, x, stride, padding, dilation, groups, args):
     if not bool(torch.isfinite(folded).all()):
         # A NaN/Inf weight (or one BN folds to non-finite): oneDNN's ReLU post-op would turn NaN
         # outputs into 0. Checked once per weight version (the cache key), never per call.
-        _cache.put(miss, ("aten", folded))
-        return ("aten", folded)
+        _cache.put(miss, ("exact", folded))
+        return ("exact", folded)
 
     def pack():
         return torch._C._nn.mkldnn_reorder_conv2d_weight(folded.contiguous().to_mkldnn(), padding, stride,
@@ -326,6 +337,10 @@ def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, gr
             folded = _folded(weight, scale, fmt)
             return _aten_path(x, folded, shift, residual, stride, padding, dilation, groups, relu, fmt)
         if plan is not None and plan[0] == "aten":
+            y = _aten_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
+            _record_if_inputs_finite(y, x, shift, residual)
+            return y
+        if plan is not None and plan[0] == "exact":  # a NaN/Inf in the folded weight
             return _aten_path(x, plan[1], shift, residual, stride, padding, dilation, groups, relu, fmt)
         folded = _folded(weight, scale, fmt) if plan is None else None
         if folded is not None:
