@@ -158,7 +158,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False, c
     inplace: modify `model` itself instead of a deep copy.
     channels_last: when the root is not itself a fused block, 4-D float inputs to the root are
         moved to channels_last (the kernels' native layout) by a forward pre-hook; every fused op's
-        output follows its input's memory format.
+        output follows its input's memory format. The same hook checks the input for NaN/Inf once
+        per forward, so the fused ops inside need not (reference.begin_finite_scope).
     filter: optional callable (module, qualified_name) -> bool; False leaves that subtree's own
         fusions out.
     The original state_dict loads strictly into the result and back; converting twice changes nothing.

@@ -12,7 +12,8 @@ weight + oneDNN post-ops 409 ms, eager channels_last 498 ms.
 NaN/Inf: oneDNN's ReLU post-op maps NaN to 0 (torch.relu keeps it) and its sum post-op can saturate
 +inf to 3.4e38, so the post-op path is taken only where no NaN/Inf can meet them: a folded weight
 with a NaN/Inf never gets it (checked once, when the plan is cached per weight version), and x,
-shift and residual are checked per call by one sum each (`_postops_exact`); otherwise ATen's
+shift and residual are checked by one sum each (`_postops_exact`; inside a converted model's
+forward only tensors no fused op made from checked inputs: "finite scope" below); otherwise ATen's
 convolution + in-place add_/relu_ run, which propagate NaN/Inf like eager PyTorch. Overflow inside
 the convolution from finite inputs is not detected (see README, Numerics).
 
