@@ -179,10 +179,9 @@ def end_finite_scope():
 
 
 def _version_or_none(t):
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor (torch.inference_mode) keeps no version counter
-        return None
+    if t.is_inference():  # torch.inference_mode's tensors keep no version counter (asking raises,
+        return None       # and a raised error costs ~0.1 ms)
+    return t._version
 
 
 def _known_finite(t):
