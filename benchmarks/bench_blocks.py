@@ -64,7 +64,7 @@ Output: DIR/bench_blocks.csv (long format, one row per shape x provider x dtype 
 format, with device name, threads, torch / CUDA / cuDNN / triton versions, git commit (or
 RK_GIT_COMMIT), timestamp), rewritten after every configuration so a run cut short keeps what it
 measured; DIR/bench_blocks.md (the markdown summary also printed at the end); PNG plots via
-benchmarks/plot.py (from the CSV alone). DIR defaults to benchmarks/results/<cpu|cuda>/.
+benchmarks/plot.py (from the CSV alone). DIR defaults to bench_out/<cpu|cuda>/ (git-ignored; pass --out benchmarks/results/<cpu|cuda> to publish).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="8 conv_bn_act shapes + 3 blocks, shorter timing (about 2-3 minutes on 2 idle CPU cores)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench_out/<device>, git-ignored; the committed results use --out benchmarks/results/<device>)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=None,
                    help="comma-separated dtypes (default: float32 on CPU; float16,bfloat16,float32 on CUDA, "
@@ -734,7 +734,7 @@ def main(argv=None):
     compile_names = {s.name for s in (shapes + blocks if args.compile_mode == "all" else
                                       shapes[:args.compile_shapes] + blocks[:min(1, args.compile_shapes)]
                                       if args.compile_mode == "some" else [])}
-    out_dir = args.out or (_REPO_ROOT / "benchmarks" / "results" / device.type)
+    out_dir = args.out or (_REPO_ROOT / "bench_out" / device.type)
     csv_path, md_path = out_dir / "bench_blocks.csv", out_dir / "bench_blocks.md"
     env = environment(device)
     timer = Timer(device, args)

@@ -57,7 +57,7 @@ Output. A table on stdout, DIR/bench_models.csv (long format, one row per model 
 end-to-end images/s, the environment: device, threads, versions, git commit, load average, and the
 columns bench_blocks.csv shares: op (model_inference), memory_format (of the input as passed),
 capability, CUDA / cuDNN versions) and DIR/bench_models.png,
-which benchmarks/plot.py renders from the CSV alone. DIR defaults to benchmarks/results/<device>.
+which benchmarks/plot.py renders from the CSV alone. DIR defaults to bench_out/<device> (git-ignored; pass --out benchmarks/results/<device> to publish).
 """
 from __future__ import annotations
 
@@ -359,7 +359,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="few rounds and a small calibration set (a few minutes on 2 CPU cores)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench_out/<device>, git-ignored; the committed results use --out benchmarks/results/<device>)")
     p.add_argument("--models", default=None,
                    help="comma-separated torchvision model names (default: resnet18,resnet50 with --quick, "
                         "else resnet18,resnet50,resnet101)")
@@ -423,7 +423,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    out_dir = args.out or (_REPO_ROOT / "benchmarks" / "results" / device.type)
+    out_dir = args.out or (_REPO_ROOT / "bench_out" / device.type)
     if args.cold_compile and not args.no_compile:
         tmp = tempfile.TemporaryDirectory(prefix="bench_models_inductor_")
         atexit.register(tmp.cleanup)

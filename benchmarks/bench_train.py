@@ -7,7 +7,7 @@ Every provider trains its own copy of the same model on the same real-photo batc
 (scikit-image samples, random-resized crops). Rounds are interleaved (eager, compile, converted,
 eager, ...) so machine noise hits all alike; the first round of each is warm-up (and compile).
 The converted model's loss is checked against eager's on the first step. Writes a CSV (one row per
-provider) into DIR (default benchmarks/results/<cpu|cuda>/) and prints a table.
+provider) into DIR (default bench_out/<cpu|cuda>/, git-ignored; the committed results use --out benchmarks/results/<cpu|cuda>) and prints a table.
 
 On GPU: channels_last, optional AMP (`--amp`, bf16 or fp16), peak memory from
 torch.cuda.max_memory_allocated per provider. On CPU: peak RSS growth is not separable per
@@ -180,7 +180,7 @@ def main(argv=None):
         print(f"torch.compile first step (compile included): {compile_s:.1f} s")
     print(f"first-step loss: eager {first_loss['eager']:.6f}, resnet_kernels {first_loss['resnet_kernels']:.6f} "
           f"(relative gap {loss_gap:.1e})")
-    out = args.out or Path(__file__).resolve().parent / "results" / dev.type
+    out = args.out or Path(__file__).resolve().parents[1] / "bench_out" / dev.type
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench_train.csv"
     with open(path, "w", newline="") as f:
