@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import reference
 from .modules import (FoldedBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConvBNAct, _check_backend,
-                      conv_bn_problem)
+                      conv_bn_problem, is_plain_relu)
 
 _REPORT_ATTR = "_resnet_kernels_skipped"
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -131,7 +131,7 @@ class _Converter:
                 continue
             act_node = sole_module_user(nxt)
             relu = None
-            if (act_node is not None and isinstance(children.get(act_node.target), nn.ReLU)
+            if (act_node is not None and is_plain_relu(children.get(act_node.target))
                     and calls[act_node.target] == 1 and self.registrations[id(children[act_node.target])] == 1):
                 relu = children[act_node.target]
             fbn = FoldedBatchNorm.from_bn(bn)

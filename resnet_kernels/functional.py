@@ -19,6 +19,7 @@ def fused_conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, paddi
     """
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
+    _check_relu(relu)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # raises, naming it
@@ -70,6 +71,7 @@ def fused_conv_bn_train(x, weight, gamma, beta, residual=None, *, running_mean=N
     """
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
+    _check_relu(relu)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         check_args(x, weight, None, None, residual, stride, padding, dilation, groups)  # raises, naming it
@@ -109,3 +111,8 @@ def _check_running_stats(running_mean, running_var, num_batches_tracked, out):
                                             or num_batches_tracked.device != out.device):
         raise ValueError("num_batches_tracked must be None or a one-element tensor on x's device, got "
                          f"{num_batches_tracked!r:.80}")
+
+
+def _check_relu(relu):
+    if not isinstance(relu, (bool, int)) or relu not in (0, 1):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__} {relu!r:.40}")

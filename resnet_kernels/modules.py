@@ -54,10 +54,27 @@ def _normalize(bn, y):
     return bn.normalize(y) if isinstance(bn, FoldedBatchNorm) else bn(y)
 
 
+def hooks_problem(module, what):
+    """None if `module` has no module hooks, else the reason: a fused op never calls the modules it
+    replaces, so their forward / pre-forward / backward hooks would silently stop running."""
+    kinds = [k for k, attr in (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"),
+                               ("backward", "_backward_hooks"), ("backward pre", "_backward_pre_hooks"))
+             if getattr(module, attr, None)]
+    return f"{what} has {' and '.join(kinds)} hooks (fusing would skip them)" if kinds else None
+
+
+def is_plain_relu(module):
+    """An nn.ReLU itself (a subclass may compute something else) with no hooks."""
+    return type(module) is nn.ReLU and hooks_problem(module, "") is None
+
+
 def conv_bn_problem(conv, bn, allow_folded=False):
     """None if (conv, bn) can be fused, else the reason."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    problem = hooks_problem(conv, "the conv") or hooks_problem(bn, "the BN")
+    if problem:
+        return problem
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only zero padding is fused)"
     if isinstance(conv.padding, str):
@@ -182,8 +199,9 @@ class FusedConvBNAct(nn.Module):
         problem = conv_bn_problem(conv, bn, allow_folded=_in_slot)
         if problem:
             raise ValueError(f"cannot fuse conv and bn: {problem}")
-        if act is not None and not isinstance(act, (nn.ReLU, nn.Identity)):
-            raise ValueError(f"act must be None, nn.ReLU or nn.Identity, got {type(act).__name__}")
+        if act is not None and type(act) not in (nn.ReLU, nn.Identity):
+            raise ValueError(f"act must be None, nn.ReLU or nn.Identity (not a subclass: it may compute "
+                             f"something else), got {type(act).__name__}")
         self.backend = _check_backend(backend)
         self.relu = isinstance(act, nn.ReLU)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -256,9 +274,9 @@ class _FusedBlock(nn.Module):
             problem = conv_bn_problem(getattr(block, c), getattr(block, b))
             if problem:
                 return f"{c}/{b}: {problem}"
-        if not isinstance(block.relu, nn.ReLU):
-            return f"relu is {type(block.relu).__name__}, not nn.ReLU"
-        return None
+        if type(block.relu) is not nn.ReLU:
+            return f"relu is {type(block.relu).__name__}, not a plain nn.ReLU"
+        return hooks_problem(block, "the block") or hooks_problem(block.relu, "its relu")
 
     def _cbr(self, x, conv_name, bn_name, residual=None, relu=True):
         conv = getattr(self, conv_name)

@@ -192,3 +192,53 @@ def test_info_cli_and_available_backends():
     out = subprocess.run([sys.executable, "-m", "resnet_kernels", "info"], capture_output=True, text=True, check=True).stdout
     for word in ("torch", "triton", "cuda", "extension", "device"):
         assert word in out
+
+
+class _ClampReLU(nn.ReLU):
+    """A ReLU subclass computing something else: must never be fused as a ReLU."""
+    def forward(self, x):
+        return x.clamp(0, 0.5)
+
+
+def test_relu_subclass_is_not_fused_as_relu():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), _ClampReLU()).eval()
+    randomize_bn(m)
+    x = torch.randn(2, 8, 9, 9)
+    c = rk.convert(m)
+    torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+    assert dict(rk.summary(c))["0"] == "conv+bn"  # the subclass stays a module of its own
+    blk = randomize_bn(torchvision.models.resnet.BasicBlock(16, 16)).eval()
+    blk.relu = _ClampReLU()
+    assert not isinstance(rk.convert(blk), rk.FusedBasicBlock)
+    with pytest.raises(ValueError, match="not a subclass"):
+        rk.FusedConvBNAct.from_modules(m[0], m[1], _ClampReLU())
+
+
+def test_modules_with_hooks_are_left_alone_and_reported():
+    """A fused op never calls the modules it replaces: a conv, BN, ReLU or block with hooks is skipped
+    (hooks keep running where they did), and summary says why."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    r = randomize_bn(torchvision.models.resnet18()).eval()
+    seen = []
+    r.layer1[0].register_forward_hook(lambda *a: seen.append("block"))
+    r.layer2[0].bn2.register_forward_hook(lambda *a: seen.append("bn2"))
+    r.layer3[0].conv1.register_forward_pre_hook(lambda *a: seen.append("conv1"))
+    r.layer4[0].relu.register_forward_hook(lambda *a: seen.append("relu"))
+    ref = r(x)
+    want = list(seen)
+    seen.clear()
+    c = rk.convert(r)
+    torch.testing.assert_close(c(x), ref, rtol=1e-4, atol=1e-4)
+    assert seen == want
+    rows = dict(rk.summary(c))
+    for name in ("layer1.0", "layer2.0", "layer3.0", "layer4.0"):
+        assert "hooks (fusing would skip them)" in rows[name], (name, rows[name])
+    assert rows["layer1.1"].startswith("FusedBasicBlock")
+
+
+def test_relu_argument_must_be_a_bool():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        rk.fused_conv_bn_act(x, w, torch.ones(4), torch.zeros(4), relu="yes")
