@@ -333,15 +333,7 @@ def measure_ceilings(device, dtype, timer):
 # --------------------------------------------------------------------------------------- one configuration
 def build(shape, batch, dtype, fmt, device, seed, n_sets):
     """(eager module, [input sets (x, residual)]) for one configuration; BN with realistic statistics."""
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(shape.c, shape.k, shape.r, shape.stride, shape.padding, bias=False)
-    bn = nn.BatchNorm2d(shape.k)
-    with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5)
-        bn.running_var.uniform_(0.25, 1.75)
-        bn.weight.uniform_(0.2, 1.2)
-        bn.bias.normal_(0.0, 0.3)
-    mod = EagerConvBN(conv, bn, shape.relu).eval().to(device=device, dtype=dtype, memory_format=fmt)
+    mod = EagerConvBN.realistic(shape, seed).to(device=device, dtype=dtype, memory_format=fmt)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     sets = []
     for _ in range(n_sets):

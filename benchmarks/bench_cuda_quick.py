@@ -170,21 +170,25 @@ class EagerConvBN(torch.nn.Module):
             y += residual
         return torch.relu_(y) if self.relu else y
 
+    @classmethod
+    def realistic(cls, shape, seed):
+        """An eval-mode conv -> BN (-> ReLU) of `shape` (c, k, r, stride, padding, relu) with seeded
+        weights and realistic BN statistics, on the CPU in fp32."""
+        torch.manual_seed(seed)
+        conv = torch.nn.Conv2d(shape.c, shape.k, shape.r, shape.stride, shape.padding, bias=False)
+        bn = torch.nn.BatchNorm2d(shape.k)
+        with torch.no_grad():
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.25, 1.75)
+            bn.weight.uniform_(0.2, 1.2)
+            bn.bias.normal_(0.0, 0.3)
+        return cls(conv, bn, shape.relu).eval()
+
 
 def build(shape: Shape, batch, dtype, seed=0):
-    import torch.nn as nn
-
     import resnet_kernels as rk
 
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(shape.c, shape.k, shape.r, shape.stride, shape.padding, bias=False)
-    bn = nn.BatchNorm2d(shape.k)
-    with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5)
-        bn.running_var.uniform_(0.25, 1.75)
-        bn.weight.uniform_(0.2, 1.2)
-        bn.bias.normal_(0.0, 0.3)
-    mod = EagerConvBN(conv, bn, shape.relu).eval().to("cuda", dtype).to(memory_format=torch.channels_last)
+    mod = EagerConvBN.realistic(shape, seed).to("cuda", dtype).to(memory_format=torch.channels_last)
     x = torch.randn(batch, shape.c, shape.h, shape.h, device="cuda", dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     res = None
