@@ -74,26 +74,12 @@ def _bn_apply_kernel(
 
 
 @triton.jit
-def _bn_bwd_reduce_kernel(
-    g_ptr,  # grad of out [N, K, P, Q]
-    out_ptr,  # forward output (ReLU mask); dummy when RELU is False
-    y_ptr,  # conv output
-    mean_ptr,  # fp32 [K]
-    invstd_ptr,  # fp32 [K]
-    psum_ptr,  # fp32 [tiles_m, K]: partial sum of gz
-    psumy_ptr,  # fp32 [tiles_m, K]: partial sum of gz * y_hat
-    M, K, P, Q,
-    sgn, sgk, sgp, sgq,  # grad strides
-    son, sok, sop, soq,  # out strides
-    syn, syk, syp, syq,  # y strides
-    RELU: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _bwd_tile(g_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, M, K, P, Q, sgn, sgk, sgp, sgq, son, sok, sop, soq,
+              syn, syk, syp, syq, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (pixel, channel) tile both backward kernels start from: its coordinates and masks,
+    gz (grad through the ReLU, fp32) and y_hat = (y - mean) * invstd (fp32)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < K
     mask = m_mask[:, None] & n_mask[None, :]
@@ -113,7 +99,31 @@ def _bn_bwd_reduce_kernel(
                 other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
     invstd = tl.load(invstd_ptr + offs_n, mask=n_mask, other=0.0)
-    yhat = tl.where(mask, (y - mean[None, :]) * invstd[None, :], 0.0)
+    return offs_n, n_mask, mask, n_img, p, q, k64, g, (y - mean[None, :]) * invstd[None, :]
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    g_ptr,  # grad of out [N, K, P, Q]
+    out_ptr,  # forward output (ReLU mask); dummy when RELU is False
+    y_ptr,  # conv output
+    mean_ptr,  # fp32 [K]
+    invstd_ptr,  # fp32 [K]
+    psum_ptr,  # fp32 [tiles_m, K]: partial sum of gz
+    psumy_ptr,  # fp32 [tiles_m, K]: partial sum of gz * y_hat
+    M, K, P, Q,
+    sgn, sgk, sgp, sgq,  # grad strides
+    son, sok, sop, soq,  # out strides
+    syn, syk, syp, syq,  # y strides
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_n, n_mask, mask, n_img, p, q, k64, g, yhat = _bwd_tile(
+        g_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, M, K, P, Q, sgn, sgk, sgp, sgq, son, sok, sop, soq,
+        syn, syk, syp, syq, RELU, BLOCK_M, BLOCK_N)
+    yhat = tl.where(mask, yhat, 0.0)
     tl.store(psum_ptr + pid_m.to(tl.int64) * K + offs_n, tl.sum(g, axis=0), mask=n_mask)
     tl.store(psumy_ptr + pid_m.to(tl.int64) * K + offs_n, tl.sum(g * yhat, axis=0), mask=n_mask)
 
@@ -136,33 +146,12 @@ def _bn_bwd_apply_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < K
-    mask = m_mask[:, None] & n_mask[None, :]
-    m64 = offs_m.to(tl.int64)
-    n_img = m64 // (P * Q)
-    pq = m64 % (P * Q)
-    p = pq // Q
-    q = pq % Q
-    k64 = offs_n.to(tl.int64)
-    g = tl.load(g_ptr + (n_img * sgn + p * sgp + q * sgq)[:, None] + (k64 * sgk)[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    if RELU:
-        o = tl.load(out_ptr + (n_img * son + p * sop + q * soq)[:, None] + (k64 * sok)[None, :], mask=mask,
-                    other=0.0)
-        g = tl.where(o <= 0, 0.0, g)  # torch.relu's backward: a NaN output passes its grad
-    y = tl.load(y_ptr + (n_img * syn + p * syp + q * syq)[:, None] + (k64 * syk)[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + offs_n, mask=n_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_n, mask=n_mask, other=0.0)
+    offs_n, n_mask, mask, n_img, p, q, k64, g, yhat = _bwd_tile(
+        g_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, M, K, P, Q, sgn, sgk, sgp, sgq, son, sok, sop, soq,
+        syn, syk, syp, syq, RELU, BLOCK_M, BLOCK_N)
     a = tl.load(a_ptr + offs_n, mask=n_mask, other=0.0)
     c1 = tl.load(c1_ptr + offs_n, mask=n_mask, other=0.0)
     c2 = tl.load(c2_ptr + offs_n, mask=n_mask, other=0.0)
-    yhat = (y - mean[None, :]) * invstd[None, :]
     dy = (g - c1[None, :] - yhat * c2[None, :]) * a[None, :]
     d_off = (n_img * sdn + p * sdp + q * sdq)[:, None] + (k64 * sdk)[None, :]
     tl.store(dy_ptr + d_off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
