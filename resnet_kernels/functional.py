@@ -17,12 +17,8 @@ def fused_conv_bn_act(x, weight, scale, shift, residual=None, *, stride=1, paddi
     backend: "auto" (fastest available that supports the call), or "torch", "triton", "cuda"
     (raise BackendUnavailable when that backend cannot serve the call).
     """
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
-    _check_relu(relu)
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # raises, naming it
+    stride, padding, dilation = _front_checks(x, weight, scale, shift, residual, stride, padding, dilation,
+                                              groups, relu)
     # The op validates everything else (its real and fake kernels share check_args).
     try:
         name = backends.resolve(backend, x, weight, groups,
@@ -69,12 +65,8 @@ def fused_conv_bn_train(x, weight, gamma, beta, residual=None, *, running_mean=N
     is incremented first). gamma/beta None mean affine=False. Differentiable in x, weight, gamma,
     beta and residual. Returns out (x's dtype and memory format).
     """
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
-    _check_relu(relu)
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        check_args(x, weight, None, None, residual, stride, padding, dilation, groups)  # raises, naming it
+    stride, padding, dilation = _front_checks(x, weight, None, None, residual, stride, padding, dilation,
+                                              groups, relu)
     try:
         name = backends.resolve_train(backend, x, weight, groups,
                                       call=(gamma, beta, residual, stride, padding, dilation, groups, eps, relu))
@@ -113,6 +105,14 @@ def _check_running_stats(running_mean, running_var, num_batches_tracked, out):
                          f"{num_batches_tracked!r:.80}")
 
 
-def _check_relu(relu):
+def _front_checks(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    """The checks both functional entry points make before resolving a backend; returns the
+    (stride, padding, dilation) pairs. Everything else is the op's check_args (real and fake kernels)."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints, got the string mode {padding!r}")
     if not isinstance(relu, (bool, int)) or relu not in (0, 1):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__} {relu!r:.40}")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        check_args(x, weight, scale, shift, residual, stride, padding, dilation, groups)  # raises, naming it
+    return stride, padding, dilation
